@@ -1,0 +1,56 @@
+//! `datakit-ebpf check`: can each plugin run on this kernel, through which mechanism, and why not.
+
+use std::fmt::Write as _;
+
+use crate::{
+    config::{Config, Plugin},
+    kernel::KernelFeatures,
+    plugins,
+};
+
+/// The report, and whether every enabled plugin can run.
+pub fn report(config: &Config, features: &KernelFeatures) -> (String, bool) {
+    let mut out = String::new();
+    let _ = writeln!(out, "kernel {}", features.release);
+    let _ = writeln!(out, "\nkernel features:");
+    for (name, probe) in features.rows() {
+        let state = if probe.available { "yes" } else { "no" };
+        let _ = writeln!(out, "  {name:<17} {state:<4} {}", probe.detail);
+    }
+    let _ = writeln!(out, "\nplugins:");
+    let mut all_ok = true;
+    for plugin in Plugin::ALL {
+        let enabled = config.enabled.contains(&plugin);
+        let availability = plugins::availability(plugin, features, config);
+        if enabled && !availability.can_run {
+            all_ok = false;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<15} {:<9} {:<11} {}{}",
+            plugin.name(),
+            if enabled { "enabled" } else { "disabled" },
+            if availability.can_run { "can run" } else { "cannot run" },
+            if availability.can_run {
+                format!("via {}", availability.mechanism)
+            } else {
+                String::new()
+            },
+            if availability.can_run {
+                String::new()
+            } else {
+                availability.reason
+            },
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{}",
+        if all_ok {
+            "every enabled plugin can run"
+        } else {
+            "some enabled plugins cannot run"
+        }
+    );
+    (out, all_ok)
+}

@@ -1,0 +1,136 @@
+//! What the running kernel offers for eBPF, probed at start (and printed by `datakit-ebpf check`).
+//! Each probe records a reason, so a refusal to run says why instead of a bare EINVAL.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_map_supported, is_program_supported},
+};
+
+/// One capability and why it is (not) there.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub available: bool,
+    pub detail: String,
+}
+
+impl Probe {
+    fn yes(detail: impl Into<String>) -> Self {
+        Self {
+            available: true,
+            detail: detail.into(),
+        }
+    }
+    fn no(detail: impl Into<String>) -> Self {
+        Self {
+            available: false,
+            detail: detail.into(),
+        }
+    }
+    fn from_path(path: &Path, what: &str) -> Self {
+        if path.exists() {
+            Self::yes(format!("{} exists", path.display()))
+        } else {
+            Self::no(format!("{} missing: {what}", path.display()))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KernelFeatures {
+    pub release: String,
+    pub btf: Probe,
+    pub tracefs: Probe,
+    pub tracepoints: Probe,
+    pub kprobes: Probe,
+    pub fentry: Probe,
+    pub uprobes: Probe,
+    pub ringbuf: Probe,
+    pub perf_event_array: Probe,
+}
+
+impl KernelFeatures {
+    /// `btf_file` is `--btf`, used when the kernel has no `/sys/kernel/btf/vmlinux`.
+    pub fn probe(tracefs: Option<&Path>, btf_file: Option<&Path>) -> Self {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let btf = match btf_file {
+            Some(path) => Probe::from_path(path, "the --btf file does not exist"),
+            None => Probe::from_path(
+                Path::new("/sys/kernel/btf/vmlinux"),
+                "kernel built without CONFIG_DEBUG_INFO_BTF; pass --btf FILE",
+            ),
+        };
+        let tracefs_probe = match tracefs {
+            Some(path) => Probe::yes(format!("mounted at {}", path.display())),
+            None => Probe::no("not mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing, and mounting failed"),
+        };
+        let tracepoints = match tracefs {
+            Some(path) => Probe::from_path(
+                &path.join("events/sched/sched_process_exit/id"),
+                "no tracepoint events (CONFIG_BPF_EVENTS / CONFIG_TRACEPOINTS off?)",
+            ),
+            None => Probe::no("needs tracefs"),
+        };
+        let kprobes = pmu_or_tracefs("kprobe", tracefs, "CONFIG_KPROBES is off");
+        let uprobes = pmu_or_tracefs("uprobe", tracefs, "CONFIG_UPROBE_EVENTS is off");
+        let fentry = match is_program_supported(ProgramType::Tracing) {
+            Ok(true) => Probe::yes("BPF trampolines load and attach"),
+            Ok(false) => Probe::no("kernel does not support BPF_PROG_TYPE_TRACING"),
+            Err(err) => Probe::no(format!("trampoline probe failed: {err}")),
+        };
+        let ringbuf = map_probe(MapType::RingBuf, "ring buffer (kernel 5.8+)");
+        let perf_event_array = map_probe(MapType::PerfEventArray, "perf event array");
+        Self {
+            release,
+            btf,
+            tracefs: tracefs_probe,
+            tracepoints,
+            kprobes,
+            fentry,
+            uprobes,
+            ringbuf,
+            perf_event_array,
+        }
+    }
+
+    /// (name, probe) pairs in display order.
+    pub fn rows(&self) -> [(&'static str, &Probe); 8] {
+        [
+            ("btf", &self.btf),
+            ("tracefs", &self.tracefs),
+            ("tracepoints", &self.tracepoints),
+            ("kprobes", &self.kprobes),
+            ("fentry/fexit", &self.fentry),
+            ("uprobes", &self.uprobes),
+            ("ring buffer", &self.ringbuf),
+            ("perf event array", &self.perf_event_array),
+        ]
+    }
+}
+
+/// Probes are created through the PMU (`/sys/bus/event_source/devices/<pmu>/type`, kernel 4.17+)
+/// or, on older kernels, through `<tracefs>/<pmu>_events`.
+fn pmu_or_tracefs(pmu: &str, tracefs: Option<&Path>, why_not: &str) -> Probe {
+    let pmu_type = PathBuf::from(format!("/sys/bus/event_source/devices/{pmu}/type"));
+    if pmu_type.exists() {
+        return Probe::yes(format!("{pmu} PMU present"));
+    }
+    if let Some(events) = tracefs.map(|t| t.join(format!("{pmu}_events")))
+        && events.exists()
+    {
+        return Probe::yes(format!("{} present", events.display()));
+    }
+    Probe::no(format!("no {pmu} PMU and no {pmu}_events in tracefs: {why_not}"))
+}
+
+fn map_probe(map: MapType, what: &str) -> Probe {
+    match is_map_supported(map) {
+        Ok(true) => Probe::yes(format!("{what} supported")),
+        Ok(false) => Probe::no(format!("{what} not supported by this kernel")),
+        Err(err) => Probe::no(format!("{what} probe failed: {err}")),
+    }
+}

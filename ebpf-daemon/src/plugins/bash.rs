@@ -1,0 +1,301 @@
+//! ebpf-bash: every command line typed into bash, as `bash` logging points.
+//!
+//! A uretprobe on bash's `readline_internal_teardown` (or `readline` where bash does not export
+//! the former) copies the returned line into a ring buffer. Hooking the teardown rather than
+//! `readline` itself means a shell that was already waiting at its prompt when we attached does
+//! not lose its first command: its `readline` call began before the probe existed, so a return
+//! probe on it would never fire for that line (bcc's bashreadline made the same move).
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use ebpf_common::bash::{
+    BASH_EVENTS_MAP, BASH_FLAG_TRUNCATED, BASH_PROGRAM, BASH_STAT_COUNT, BASH_STAT_READ_FAILED,
+    BASH_STAT_RINGBUF_FULL, BASH_STATS_MAP, BashEvent,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+use super::{Availability, GlobalTags, PluginContext};
+use crate::{
+    clock,
+    config::Config,
+    kernel::KernelFeatures,
+    lineproto::{Field, Point},
+    sender::{Category, Destination},
+    users::UserNames,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bash"));
+
+pub const DESTINATION: Destination = Destination {
+    category: Category::Logging,
+    input: "ebpf-bash",
+};
+
+/// Lines waiting beyond this many are sent at once instead of at the next interval tick.
+const FLUSH_AT_LINES: usize = 128;
+
+/// Symbols tried in order; see the module comment.
+const SYMBOLS: [&str; 2] = ["readline_internal_teardown", "readline"];
+
+pub fn availability(features: &KernelFeatures, config: &Config) -> Availability {
+    let mechanism = "uretprobe on bash readline, ring buffer".to_string();
+    let mut missing = Vec::new();
+    if !features.uprobes.available {
+        missing.push(format!("uprobes: {}", features.uprobes.detail));
+    }
+    if !features.ringbuf.available {
+        missing.push(format!("ring buffer: {}", features.ringbuf.detail));
+    }
+    let binaries: Vec<PathBuf> = config
+        .bash_paths
+        .iter()
+        .map(|p| host_path(&config.host_root, p))
+        .collect();
+    if !binaries.iter().any(|p| p.is_file()) {
+        missing.push(format!("no bash binary at {binaries:?}"));
+    }
+    if OBJECT.is_empty() {
+        missing.push("this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)".into());
+    }
+    Availability {
+        can_run: missing.is_empty(),
+        mechanism,
+        reason: if missing.is_empty() {
+            "uprobes and ring buffer available".into()
+        } else {
+            missing.join("; ")
+        },
+    }
+}
+
+/// `path` as seen from the daemon: under `HOST_ROOT` when the daemon runs in a container.
+fn host_path(host_root: &Path, path: &Path) -> PathBuf {
+    host_root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The loaded and attached probe. Dropping it detaches everything.
+pub struct BashCollector {
+    _ebpf: Ebpf,
+    events: AsyncFd<RingBuf<MapData>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl BashCollector {
+    /// Loads the program and attaches it to every configured bash binary (once per file, so
+    /// `/bin/bash` and `/usr/bin/bash` on a merged-/usr system count once).
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)");
+        }
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the ebpf-bash object")?;
+        let program: &mut UProbe = ebpf
+            .program_mut(BASH_PROGRAM)
+            .context("program missing from the object")?
+            .try_into()?;
+        program.load().context("loading the bash uretprobe")?;
+
+        let mut seen = HashSet::new();
+        let mut attached = 0;
+        for path in &config.bash_paths {
+            let binary = host_path(&config.host_root, path);
+            let meta = match std::fs::metadata(&binary) {
+                Ok(meta) => meta,
+                Err(err) => {
+                    warn!("ebpf-bash: skipping {}: {err}", binary.display());
+                    continue;
+                }
+            };
+            if !seen.insert((meta.dev(), meta.ino())) {
+                debug!("ebpf-bash: {} is a file already probed", binary.display());
+                continue;
+            }
+            let mut last_err = None;
+            for symbol in SYMBOLS {
+                match program.attach(symbol, &binary, UProbeScope::AllProcesses) {
+                    Ok(_) => {
+                        info!("ebpf-bash: attached uretprobe to {symbol} in {}", binary.display());
+                        attached += 1;
+                        last_err = None;
+                        break;
+                    }
+                    Err(err) => last_err = Some(format!("{symbol}: {err}")),
+                }
+            }
+            if let Some(err) = last_err {
+                warn!("ebpf-bash: cannot probe {}: {err}", binary.display());
+            }
+        }
+        if attached == 0 {
+            bail!("no bash binary could be probed (tried {:?})", config.bash_paths);
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map(BASH_EVENTS_MAP).context("events map")?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map(BASH_STATS_MAP).context("stats map")?)?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+        let events = unsafe { AsyncFd::register(events) }
+            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            events,
+            stats,
+        })
+    }
+
+    /// Drains events until shutdown; sends lines every interval, or at once when many wait.
+    pub async fn run(mut self, mut ctx: PluginContext) -> anyhow::Result<()> {
+        let mut users = UserNames::new(&ctx.config.host_root);
+        let mut pending: Vec<Point> = Vec::new();
+        let mut tick = tokio::time::interval(ctx.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lost_reported = [0u64; BASH_STAT_COUNT as usize];
+        loop {
+            tokio::select! {
+                ready = self.events.readable_mut() => {
+                    let mut guard = ready?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        match decode(&item) {
+                            Some(event) => pending.push(bash_point(&event, &mut users, &ctx.tags)),
+                            None => warn!("ebpf-bash: short event of {} bytes skipped", item.len()),
+                        }
+                    }
+                    guard.clear_ready();
+                    if pending.len() >= FLUSH_AT_LINES {
+                        ctx.sender.submit(DESTINATION, std::mem::take(&mut pending));
+                    }
+                }
+                _ = tick.tick() => {
+                    if !pending.is_empty() {
+                        ctx.sender.submit(DESTINATION, std::mem::take(&mut pending));
+                    }
+                    self.report_losses(&mut lost_reported);
+                }
+                _ = ctx.shutdown.changed() => break,
+            }
+        }
+        // Lines already in the ring buffer at shutdown are still delivered.
+        while let Some(item) = self.events.get_mut().next() {
+            if let Some(event) = decode(&item) {
+                pending.push(bash_point(&event, &mut users, &ctx.tags));
+            }
+        }
+        if !pending.is_empty() {
+            ctx.sender.submit(DESTINATION, pending);
+        }
+        self.report_losses(&mut lost_reported);
+        Ok(())
+    }
+
+    /// Logs kernel-side losses that happened since the last report.
+    fn report_losses(&self, reported: &mut [u64; BASH_STAT_COUNT as usize]) {
+        for (index, what) in [
+            (BASH_STAT_RINGBUF_FULL, "lines lost: ring buffer full"),
+            (BASH_STAT_READ_FAILED, "lines lost: unreadable process memory"),
+        ] {
+            let total: u64 = self
+                .stats
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            let slot = &mut reported[index as usize];
+            if total > *slot {
+                warn!("ebpf-bash: {} {what} (total {total})", total - *slot);
+                *slot = total;
+            }
+        }
+    }
+}
+
+/// A ring-buffer record, checked for length (the kernel side is trusted for layout only).
+struct LineEvent {
+    boot_ns: u64,
+    pid: u32,
+    uid: u32,
+    truncated: bool,
+    line: Vec<u8>,
+}
+
+fn decode(bytes: &[u8]) -> Option<LineEvent> {
+    if bytes.len() < size_of::<BashEvent>() {
+        return None;
+    }
+    // SAFETY: length checked above; the record may be unaligned, so read it unaligned.
+    let raw: BashEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let len = (raw.len as usize).min(raw.line.len());
+    Some(LineEvent {
+        boot_ns: raw.boot_ns,
+        pid: raw.pid,
+        uid: raw.uid,
+        truncated: raw.flags & BASH_FLAG_TRUNCATED != 0,
+        line: raw.line[..len].to_vec(),
+    })
+}
+
+/// The `bash` point of contract §1.6, plus `truncated` (true when the line was cut at
+/// `BASH_LINE_MAX` bytes). Bytes that are not UTF-8 become U+FFFD.
+fn bash_point(event: &LineEvent, users: &mut UserNames, tags: &GlobalTags) -> Point {
+    let user = users.name(event.uid);
+    let timestamp_ns = clock::boot_to_unix_ns(event.boot_ns);
+    build_point(event, &user, timestamp_ns, tags)
+}
+
+fn build_point(event: &LineEvent, user: &str, timestamp_ns: i64, tags: &GlobalTags) -> Point {
+    let cmd = String::from_utf8_lossy(&event.line).into_owned();
+    let when = UNIX_EPOCH + Duration::from_nanos(timestamp_ns.max(0) as u64);
+    let message = format!(
+        "{} pid:`{}` user:`{user}` cmd:`{cmd}`",
+        rfc3339(when),
+        event.pid
+    );
+    let mut point = Point::new("bash", timestamp_ns)
+        .field("cmd", Field::Str(cmd))
+        .field("user", Field::Str(user.to_string()))
+        .field("pid", Field::Str(event.pid.to_string()))
+        .field("message", Field::Str(message))
+        .field("truncated", Field::Bool(event.truncated));
+    tags.apply(&mut point);
+    point
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_matches_the_contract() {
+        let event = LineEvent {
+            boot_ns: 0,
+            pid: 4242,
+            uid: 0,
+            truncated: false,
+            line: b"ls -la \xff".to_vec(),
+        };
+        let tags = GlobalTags::from_pairs(&[("host", "h1"), ("service", "ebpf"), ("env", "prod")]);
+        // 2026-11-25T06:30:05Z
+        let point = build_point(&event, "root", 1_795_588_205_000_000_000, &tags);
+        let mut line = String::new();
+        point.encode(&mut line).unwrap();
+        assert_eq!(
+            line,
+            "bash,env=prod,host=h1,service=ebpf cmd=\"ls -la \u{fffd}\",user=\"root\",pid=\"4242\",\
+             message=\"2026-11-25T06:30:05Z pid:`4242` user:`root` cmd:`ls -la \u{fffd}`\",truncated=false \
+             1795588205000000000"
+        );
+    }
+}

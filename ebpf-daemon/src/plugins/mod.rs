@@ -1,0 +1,83 @@
+//! The plugins (`--enabled`): what each needs from the kernel, and what they share.
+
+pub mod bash;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{config::Config, kernel::KernelFeatures, lineproto::Point, sender::Sender};
+
+/// Tags every point carries (contract §1.2): `host`, `service`, then the configured extra tags.
+/// A key the collector already set is not overwritten.
+#[derive(Debug, Clone)]
+pub struct GlobalTags {
+    tags: Vec<(String, String)>,
+}
+
+impl GlobalTags {
+    pub fn new(config: &Config) -> Self {
+        let mut tags = vec![
+            ("host".to_string(), config.hostname.clone()),
+            ("service".to_string(), config.service.clone()),
+        ];
+        for (k, v) in &config.tags {
+            if !tags.iter().any(|(existing, _)| existing == k) {
+                tags.push((k.clone(), v.clone()));
+            }
+        }
+        Self { tags }
+    }
+
+    /// From explicit pairs, for tests.
+    #[cfg(test)]
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Self {
+            tags: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    pub fn apply(&self, point: &mut Point) {
+        for (k, v) in &self.tags {
+            if !point.tags.iter().any(|(existing, _)| existing == k) {
+                point.tags.push((k.clone(), v.clone()));
+            }
+        }
+    }
+}
+
+/// What a running plugin gets.
+#[derive(Clone)]
+pub struct PluginContext {
+    pub config: Arc<Config>,
+    pub tags: Arc<GlobalTags>,
+    pub sender: Sender,
+    pub interval: Duration,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Whether a plugin can run on this kernel, through which mechanism, or why not.
+#[derive(Debug, Clone)]
+pub struct Availability {
+    pub can_run: bool,
+    pub mechanism: String,
+    pub reason: String,
+}
+
+/// Availability of `plugin` given the probed kernel features (for `check` and for start-up).
+pub fn availability(plugin: crate::config::Plugin, features: &KernelFeatures, config: &Config) -> Availability {
+    use crate::config::Plugin;
+    match plugin {
+        Plugin::Bash => bash::availability(features, config),
+        Plugin::Net => Availability {
+            can_run: false,
+            mechanism: "-".into(),
+            reason: "netflow, dnsflow and httpflow are not implemented in this version yet".into(),
+        },
+        other => Availability {
+            can_run: false,
+            mechanism: "-".into(),
+            reason: format!("{} is not supported by this daemon", other.name()),
+        },
+    }
+}
