@@ -24,7 +24,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = &linker_dir {
         // aya-build runs `cargo +nightly build`, whose rustc looks bpf-linker up on PATH.
         prepend_path(dir);
-        println!("cargo:rerun-if-changed={}", dir.join("bpf-linker").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("bpf-linker").display()
+        );
     }
 
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));

@@ -30,7 +30,11 @@ pub fn report(config: &Config, features: &KernelFeatures) -> (String, bool) {
             "  {:<15} {:<9} {:<11} {}{}",
             plugin.name(),
             if enabled { "enabled" } else { "disabled" },
-            if availability.can_run { "can run" } else { "cannot run" },
+            if availability.can_run {
+                "can run"
+            } else {
+                "cannot run"
+            },
             if availability.can_run {
                 format!("via {}", availability.mechanism)
             } else {

@@ -693,9 +693,10 @@ fn base_url(addr: &str) -> Result<String, String> {
     match addr.split_once("://") {
         Some((scheme, rest)) => {
             let scheme = scheme.to_ascii_lowercase();
-            if scheme != "http" && scheme != "https" {
+            // DataKit's API is plain HTTP on the node; the client is built without TLS.
+            if scheme != "http" {
                 return Err(format!(
-                    "unsupported scheme `{scheme}` in `{addr}` (use http or https)"
+                    "unsupported scheme `{scheme}` in `{addr}` (DataKit's API is plain http)"
                 ));
             }
             if rest.is_empty() {

@@ -66,7 +66,9 @@ impl KernelFeatures {
         };
         let tracefs_probe = match tracefs {
             Some(path) => Probe::yes(format!("mounted at {}", path.display())),
-            None => Probe::no("not mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing, and mounting failed"),
+            None => Probe::no(
+                "not mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing, and mounting failed",
+            ),
         };
         let tracepoints = match tracefs {
             Some(path) => Probe::from_path(
@@ -80,7 +82,10 @@ impl KernelFeatures {
         let fentry = match is_program_supported(ProgramType::Tracing) {
             Ok(true) => Probe::yes("BPF trampolines load and attach"),
             Ok(false) => Probe::no("kernel does not support BPF_PROG_TYPE_TRACING"),
-            Err(err) => Probe::no(format!("trampoline probe failed: {err}")),
+            Err(err) => Probe::no(format!(
+                "trampoline probe failed: {:#}",
+                anyhow::Error::from(err)
+            )),
         };
         let ringbuf = map_probe(MapType::RingBuf, "ring buffer (kernel 5.8+)");
         let perf_event_array = map_probe(MapType::PerfEventArray, "perf event array");
@@ -124,13 +129,18 @@ fn pmu_or_tracefs(pmu: &str, tracefs: Option<&Path>, why_not: &str) -> Probe {
     {
         return Probe::yes(format!("{} present", events.display()));
     }
-    Probe::no(format!("no {pmu} PMU and no {pmu}_events in tracefs: {why_not}"))
+    Probe::no(format!(
+        "no {pmu} PMU and no {pmu}_events in tracefs: {why_not}"
+    ))
 }
 
 fn map_probe(map: MapType, what: &str) -> Probe {
     match is_map_supported(map) {
         Ok(true) => Probe::yes(format!("{what} supported")),
         Ok(false) => Probe::no(format!("{what} not supported by this kernel")),
-        Err(err) => Probe::no(format!("{what} probe failed: {err}")),
+        Err(err) => Probe::no(format!(
+            "{what} probe failed: {:#}",
+            anyhow::Error::from(err)
+        )),
     }
 }

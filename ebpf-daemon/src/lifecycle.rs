@@ -32,8 +32,8 @@ impl PidFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let mut file =
-            fs::File::create(path).with_context(|| format!("writing pid file {}", path.display()))?;
+        let mut file = fs::File::create(path)
+            .with_context(|| format!("writing pid file {}", path.display()))?;
         writeln!(file, "{}", std::process::id())?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -8,8 +8,10 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber. `level` is one of trace|debug|info|warn|error.
 pub fn init(log: Option<&Path>, level: &str) -> anyhow::Result<()> {
     // aya logs every map and program it creates at debug; keep that out unless asked for.
-    let filter = EnvFilter::try_new(format!("{level},aya=warn,aya_obj=warn,reqwest=warn,hyper=warn"))
-        .with_context(|| format!("bad log level {level:?}"))?;
+    let filter = EnvFilter::try_new(format!(
+        "{level},aya=warn,aya_obj=warn,reqwest=warn,hyper=warn"
+    ))
+    .with_context(|| format!("bad log level {level:?}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -24,7 +26,10 @@ pub fn init(log: Option<&Path>, level: &str) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening log file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(Mutex::new(file)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(Mutex::new(file))
+                .init();
         }
         None => {
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

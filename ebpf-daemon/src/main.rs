@@ -17,7 +17,6 @@ mod users;
 
 use std::{collections::HashMap, process::ExitCode, sync::Arc, time::Duration};
 
-
 use tracing::{error, info, warn};
 
 use crate::{
@@ -38,7 +37,11 @@ fn main() -> ExitCode {
     };
     match invocation.command {
         Command::Version => {
-            println!("datakit-ebpf version {} {}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
+            println!(
+                "datakit-ebpf version {} {}",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::ARCH
+            );
             return ExitCode::SUCCESS;
         }
         Command::Help => {
@@ -65,7 +68,10 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             error!("cannot start the async runtime: {err}");
@@ -78,7 +84,11 @@ fn main() -> ExitCode {
         Err(err) => {
             error!("fatal: {err:#}");
             let message = format!("{err:#}");
-            let _ = runtime.block_on(sender::report_last_error(&config.datakit_base_url, "ebpf", &message));
+            let _ = runtime.block_on(sender::report_last_error(
+                &config.datakit_base_url,
+                "ebpf",
+                &message,
+            ));
             ExitCode::FAILURE
         }
     }
@@ -89,7 +99,11 @@ fn run_check(config: &Config) -> ExitCode {
     let features = kernel::KernelFeatures::probe(tracefs.as_deref(), config.btf.as_deref());
     let (report, ok) = check::report(config, &features);
     print!("{report}");
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
@@ -156,7 +170,8 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     if !failures.is_empty() {
         // Keep running what works, and tell DataKit about the rest.
-        let _ = sender::report_last_error(&config.datakit_base_url, "ebpf", &failures.join("; ")).await;
+        let _ =
+            sender::report_last_error(&config.datakit_base_url, "ebpf", &failures.join("; ")).await;
     }
 
     while let Some(result) = tasks.join_next().await {
@@ -168,8 +183,15 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     let stats = sender.shutdown(Duration::from_secs(5)).await;
     info!(
-        "stopped: {} points sent in {} requests, {} dropped (queue full), {} rejected by DataKit",
-        stats.sent_points, stats.sent_requests, stats.dropped_queue_full, stats.rejected_points
+        "stopped: {} points queued, {} sent in {} requests ({} retries), {} dropped (queue full or \
+         undelivered at exit), {} rejected by DataKit, {} invalid",
+        stats.queued,
+        stats.sent_points,
+        stats.sent_requests,
+        stats.retries,
+        stats.dropped_queue_full,
+        stats.rejected_points,
+        stats.invalid_points
     );
     Ok(())
 }
@@ -205,4 +227,3 @@ fn raise_memlock_limit() {
         );
     }
 }
-

@@ -30,6 +30,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// DataKit data category; selects the `/v1/write/<category>` endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Category {
+    #[cfg_attr(not(test), expect(dead_code, reason = "used by the network plugins"))]
     Network,
     Logging,
 }
@@ -54,7 +55,7 @@ pub struct Destination {
 /// Where points are written.
 #[derive(Clone, Debug)]
 pub enum OutputTarget {
-    /// DataKit's HTTP API at `base_url` (as returned by [`base_url`]).
+    /// DataKit's HTTP API at `base_url` (`http://host:port`, no trailing `/`).
     DataKit { base_url: String },
     /// One line-protocol line per point on stdout, for debugging.
     Stdout,
@@ -727,18 +728,6 @@ pub async fn report_last_error(base_url: &str, input: &str, msg: &str) -> anyhow
     result
 }
 
-/// Normalises an apiserver value: "0.0.0.0:9529" -> "http://0.0.0.0:9529"; keeps an explicit
-/// http:// or https:// scheme; strips a trailing '/'.
-pub fn base_url(apiserver: &str) -> String {
-    let s = apiserver.trim().trim_end_matches('/');
-    let lower = s.to_ascii_lowercase();
-    if lower.starts_with("http://") || lower.starts_with("https://") {
-        s.to_owned()
-    } else {
-        format!("http://{s}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Read;
@@ -1229,16 +1218,6 @@ mod tests {
         let (_server, base) = TestServer::start(&[500]).await;
         assert!(report_last_error(&base, "ebpf", "x").await.is_err());
         assert!(report_last_error(&base, "ebpf", "").await.is_err());
-    }
-
-    #[test]
-    fn base_url_normalisation() {
-        assert_eq!(base_url("0.0.0.0:9529"), "http://0.0.0.0:9529");
-        assert_eq!(base_url("localhost:9529/"), "http://localhost:9529");
-        assert_eq!(base_url("http://dk:9529/"), "http://dk:9529");
-        assert_eq!(base_url("https://dk.example"), "https://dk.example");
-        assert_eq!(base_url("HTTP://dk:1"), "HTTP://dk:1");
-        assert_eq!(base_url(" [::1]:9529 "), "http://[::1]:9529");
     }
 
     #[test]

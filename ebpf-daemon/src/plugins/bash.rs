@@ -67,7 +67,10 @@ pub fn availability(features: &KernelFeatures, config: &Config) -> Availability 
         missing.push(format!("no bash binary at {binaries:?}"));
     }
     if OBJECT.is_empty() {
-        missing.push("this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)".into());
+        missing.push(
+            "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
+                .into(),
+        );
     }
     Availability {
         can_run: missing.is_empty(),
@@ -97,7 +100,9 @@ impl BashCollector {
     /// `/bin/bash` and `/usr/bin/bash` on a merged-/usr system count once).
     pub fn load(config: &Config) -> anyhow::Result<Self> {
         if OBJECT.is_empty() {
-            bail!("this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)");
+            bail!(
+                "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
+            );
         }
         let mut ebpf = Ebpf::load(OBJECT).context("loading the ebpf-bash object")?;
         let program: &mut UProbe = ebpf
@@ -125,7 +130,10 @@ impl BashCollector {
             for symbol in SYMBOLS {
                 match program.attach(symbol, &binary, UProbeScope::AllProcesses) {
                     Ok(_) => {
-                        info!("ebpf-bash: attached uretprobe to {symbol} in {}", binary.display());
+                        info!(
+                            "ebpf-bash: attached uretprobe to {symbol} in {}",
+                            binary.display()
+                        );
                         attached += 1;
                         last_err = None;
                         break;
@@ -138,7 +146,10 @@ impl BashCollector {
             }
         }
         if attached == 0 {
-            bail!("no bash binary could be probed (tried {:?})", config.bash_paths);
+            bail!(
+                "no bash binary could be probed (tried {:?})",
+                config.bash_paths
+            );
         }
 
         let events = RingBuf::try_from(ebpf.take_map(BASH_EVENTS_MAP).context("events map")?)?;
@@ -202,7 +213,10 @@ impl BashCollector {
     fn report_losses(&self, reported: &mut [u64; BASH_STAT_COUNT as usize]) {
         for (index, what) in [
             (BASH_STAT_RINGBUF_FULL, "lines lost: ring buffer full"),
-            (BASH_STAT_READ_FAILED, "lines lost: unreadable process memory"),
+            (
+                BASH_STAT_READ_FAILED,
+                "lines lost: unreadable process memory",
+            ),
         ] {
             let total: u64 = self
                 .stats

@@ -33,7 +33,10 @@ impl GlobalTags {
     #[cfg(test)]
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
         Self {
-            tags: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tags: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -65,7 +68,11 @@ pub struct Availability {
 }
 
 /// Availability of `plugin` given the probed kernel features (for `check` and for start-up).
-pub fn availability(plugin: crate::config::Plugin, features: &KernelFeatures, config: &Config) -> Availability {
+pub fn availability(
+    plugin: crate::config::Plugin,
+    features: &KernelFeatures,
+    config: &Config,
+) -> Availability {
     use crate::config::Plugin;
     match plugin {
         Plugin::Bash => bash::availability(features, config),

@@ -5,7 +5,7 @@
 use std::{
     fs,
     io::{Read as _, Write as _},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, MutexGuard},
@@ -73,6 +73,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `datakit-ebpf <args> --log <dir>/daemon.log --pidfile <dir>/daemon.pid`.
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        Self::start_with(dir, args, &[], Stdio::null())
+    }
+
+    /// Like `start`, with these environment variables (and nothing else) and this stdout.
+    pub fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Daemon {
         let log = dir.join("daemon.log");
         let pidfile = dir.join("daemon.pid");
         let stderr = fs::File::create(dir.join("daemon.stderr")).unwrap();
@@ -83,8 +88,9 @@ impl Daemon {
             .arg("--pidfile")
             .arg(&pidfile)
             .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("spawn datakit-ebpf");
@@ -99,6 +105,17 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Waits for the daemon to exit by itself (panics after `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let ok = wait_until(timeout, || self.exited().is_some());
+        assert!(
+            ok,
+            "daemon still running after {timeout:?}:\n{}",
+            self.log_text()
+        );
+        self.child.take().unwrap().wait().unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -109,7 +126,10 @@ impl Daemon {
             self.log_text().contains(needle) || self.exited().is_some()
         });
         let log = self.log_text();
-        assert!(found && log.contains(needle), "no {needle:?} in the daemon log:\n{log}");
+        assert!(
+            found && log.contains(needle),
+            "no {needle:?} in the daemon log:\n{log}"
+        );
     }
 
     fn exited(&mut self) -> Option<ExitStatus> {
@@ -128,7 +148,10 @@ impl Daemon {
             }
             if start.elapsed() > Duration::from_secs(15) {
                 let _ = child.kill();
-                panic!("daemon did not exit within 15 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "daemon did not exit within 15 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -207,7 +230,7 @@ impl InteractiveBash {
                 sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        let mut bash = InteractiveBash {
+        let bash = InteractiveBash {
             child,
             master,
             output,
