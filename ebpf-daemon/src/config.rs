@@ -1756,10 +1756,10 @@ mod tests {
             "--output",
             "stdout",
             "--datakit-apiserver",
-            "https://dk:9529/",
+            "http://dk:9529/",
         ]);
         assert_eq!(c.output, Output::Stdout);
-        assert_eq!(c.datakit_base_url, "https://dk:9529");
+        assert_eq!(c.datakit_base_url, "http://dk:9529");
         let c = cfg(&["x", "run", "--output", "127.0.0.1:19529"]);
         assert_eq!(
             c.output,
@@ -1771,7 +1771,12 @@ mod tests {
         let err = cfg_env(&["x", "run", "--datakit-apiserver", "ftp://x"], &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "command line: `--datakit-apiserver`: unsupported scheme `ftp` in `ftp://x` (use http or https)"
+            "command line: `--datakit-apiserver`: unsupported scheme `ftp` in `ftp://x` (DataKit's API is plain http)"
+        );
+        let err = cfg_env(&["x", "run", "--datakit-apiserver", "https://dk"], &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported scheme `https`"),
+            "{err}"
         );
     }
 

@@ -542,7 +542,8 @@ fn test(quick: bool, packages: &[String], test_args: &[OsString]) -> Result<()> 
         ));
     }
     let mut cmd = cargo()?;
-    cmd.arg("test");
+    // Every suite runs even when an earlier one fails, so one CI run reports all failures.
+    cmd.args(["test", "--no-fail-fast"]);
     for p in packages {
         cmd.args(["-p", p]);
     }

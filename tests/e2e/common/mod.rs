@@ -279,7 +279,11 @@ impl Drop for InteractiveBash {
 
 /// Names of the eBPF programs currently loaded in the kernel (`bpftool prog show`).
 pub fn loaded_program_names() -> Vec<String> {
-    let out = Command::new("bpftool")
+    let bpftool = ["/usr/sbin/bpftool", "/usr/bin/bpftool"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("bpftool");
+    let out = Command::new(bpftool)
         .args(["prog", "show", "--json"])
         .output()
         .expect("bpftool (Debian package bpftool) is needed for this test");
