@@ -1,0 +1,138 @@
+//! netflow: per-connection counters kept in a kernel hash map keyed by the socket's address,
+//! and the final counters of closed connections sent through a ring buffer.
+//!
+//! Struct field offsets are not compiled in: the daemon reads them from the running kernel's BTF
+//! and hands them to the programs as [`NetOffsets`] (a read-only global), because Rust eBPF gets
+//! no CO-RE relocations.
+
+/// Name of the connection map (`HashMap<u64 socket address, ConnInfo>`).
+pub const CONNS_MAP: &str = "NETFLOW_CONNS";
+/// Name of the ring buffer carrying [`ClosedConn`] records.
+pub const CLOSED_MAP: &str = "NETFLOW_CLOSED";
+/// Name of the per-CPU counter array (`NETFLOW_STAT_*` indices).
+pub const STATS_MAP: &str = "NETFLOW_STATS";
+/// Name of the read-only global holding [`NetOffsets`].
+pub const OFFSETS_GLOBAL: &str = "NET_OFFSETS";
+/// Default number of tracked connections; each costs `size_of::<ConnInfo>() + 8` bytes of map
+/// value and key plus the kernel's per-element overhead (about 200 bytes in all).
+pub const DEFAULT_MAX_CONNS: u32 = 65_536;
+
+/// A new connection could not be tracked: the map was full.
+pub const NETFLOW_STAT_MAP_FULL: u32 = 0;
+/// A closed connection's record could not be queued: the ring buffer was full. The entry stays
+/// in the map flagged [`CONN_F_CLOSED`] and the daemon collects it at the next sweep.
+pub const NETFLOW_STAT_RINGBUF_FULL: u32 = 1;
+/// A kernel memory read failed (the event was skipped).
+pub const NETFLOW_STAT_READ_FAILED: u32 = 2;
+/// Number of counters.
+pub const NETFLOW_STAT_COUNT: u32 = 3;
+
+/// Seen going SYN_SENT → ESTABLISHED (we connected).
+pub const CONN_F_OUTGOING: u32 = 1 << 0;
+/// Seen going SYN_RECV → ESTABLISHED (we accepted).
+pub const CONN_F_INCOMING: u32 = 1 << 1;
+/// The connection was established while the probes were attached (not a pre-existing one).
+pub const CONN_F_ESTABLISHED: u32 = 1 << 2;
+/// The connection reached CLOSE.
+pub const CONN_F_CLOSED: u32 = 1 << 3;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+
+/// Byte offsets of the kernel fields the programs read, from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOffsets {
+    /// `struct sock_common`: `skc_daddr` (__be32)
+    pub skc_daddr: u32,
+    /// `skc_rcv_saddr` (__be32)
+    pub skc_rcv_saddr: u32,
+    /// `skc_dport` (__be16)
+    pub skc_dport: u32,
+    /// `skc_num` (u16, host order: the local port)
+    pub skc_num: u32,
+    /// `skc_family` (unsigned short)
+    pub skc_family: u32,
+    /// `skc_v6_daddr` (struct in6_addr)
+    pub skc_v6_daddr: u32,
+    /// `skc_v6_rcv_saddr` (struct in6_addr)
+    pub skc_v6_rcv_saddr: u32,
+    /// `skc_net` (possible_net_t: a `struct net *`)
+    pub skc_net: u32,
+    /// `struct sock`: `sk_protocol` (u16; a plain field since kernel 5.6)
+    pub sk_protocol: u32,
+    /// `struct sock`: `sk_type` (u16)
+    pub sk_type: u32,
+    /// `struct tcp_sock`: `srtt_us` (u32, smoothed RTT << 3)
+    pub tcp_srtt_us: u32,
+    /// `struct tcp_sock`: `mdev_us` (u32, RTT mean deviation << 2)
+    pub tcp_mdev_us: u32,
+    /// `struct tcp_sock`: `total_retrans` (u32, what TCP_INFO reports as tcpi_total_retrans)
+    pub tcp_total_retrans: u32,
+    /// `struct net`: `ns.inum` (u32, the network namespace's inode number)
+    pub net_ns_inum: u32,
+}
+
+crate::assert_size!(NetOffsets, 56);
+
+/// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Local address.
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6` (as the socket was created; v4-mapped v6 is reported as IPv4).
+    pub family: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u16,
+    /// tgid of the first process seen doing I/O (or connecting) on the socket; 0 if none yet.
+    pub pid: u32,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// `comm` of that process, NUL-padded.
+    pub comm: [u8; 16],
+    /// `bpf_ktime_get_ns()` when tracking began: with the map key it identifies one connection
+    /// even when the kernel reuses the socket's memory.
+    pub start_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last update.
+    pub last_ns: u64,
+    /// Bytes sent and received (cumulative since tracking began).
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    /// `tcp_sock.total_retrans` as last read (cumulative, as TCP_INFO reports it).
+    pub retransmits: u32,
+    /// Smoothed RTT and its mean deviation, µs, as last read.
+    pub srtt_us: u32,
+    pub rtt_var_us: u32,
+    /// `CONN_F_*` bits.
+    pub flags: u32,
+}
+
+crate::assert_size!(ConnInfo, 112);
+
+/// The final state of a connection that reached CLOSE, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedConn {
+    /// The map key (socket address).
+    pub sock: u64,
+    pub info: ConnInfo,
+}
+
+crate::assert_size!(ClosedConn, 120);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain repr(C) data without padding holes.
+    unsafe impl aya::Pod for super::NetOffsets {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::ClosedConn {}
+}
