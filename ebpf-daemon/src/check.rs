@@ -4,12 +4,12 @@ use std::fmt::Write as _;
 
 use crate::{
     config::{Config, Plugin},
-    kernel::KernelFeatures,
-    plugins,
+    plugins::{self, Kernel},
 };
 
 /// The report, and whether every enabled plugin can run.
-pub fn report(config: &Config, features: &KernelFeatures) -> (String, bool) {
+pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
+    let features = &kernel.features;
     let mut out = String::new();
     let _ = writeln!(out, "kernel {}", features.release);
     let _ = writeln!(out, "\nkernel features:");
@@ -17,11 +17,17 @@ pub fn report(config: &Config, features: &KernelFeatures) -> (String, bool) {
         let state = if probe.available { "yes" } else { "no" };
         let _ = writeln!(out, "  {name:<17} {state:<4} {}", probe.detail);
     }
+    match &kernel.btf {
+        Ok(_) => {}
+        Err(why) => {
+            let _ = writeln!(out, "  {:<17} {:<4} {why}", "btf (parsed)", "no");
+        }
+    }
     let _ = writeln!(out, "\nplugins:");
     let mut all_ok = true;
     for plugin in Plugin::ALL {
         let enabled = config.enabled.contains(&plugin);
-        let availability = plugins::availability(plugin, features, config);
+        let availability = plugins::availability(plugin, kernel, config);
         if enabled && !availability.can_run {
             all_ok = false;
         }

@@ -107,6 +107,15 @@ pub struct CliArgs {
     /// External kernel BTF file, for kernels without /sys/kernel/btf/vmlinux
     #[arg(long, value_name = "PATH")]
     pub btf: Option<PathBuf>,
+    /// netflow attach tier: auto, fentry, kprobe or tracepoint [default: auto, the best the kernel offers]
+    #[arg(long, value_name = "TIER")]
+    pub netflow_tier: Option<String>,
+    /// Connections netflow tracks at once (kernel map size; about 200 bytes each) [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub netflow_max_conns: Option<String>,
+    /// Report loopback connections in netflow (left out by default, as the reference does)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub netflow_include_loopback: Option<bool>,
 
     // --- Accepted for compatibility, not implemented (a warning names them) ---
     #[arg(long, hide = true)]

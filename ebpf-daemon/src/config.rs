@@ -189,6 +189,12 @@ pub struct Config {
     pub host_root: PathBuf,
     pub host_proc: PathBuf,
     pub btf: Option<PathBuf>,
+    /// netflow attach tier (`--netflow-tier`); `Auto` picks the best the kernel offers.
+    pub netflow_tier: NetflowTier,
+    /// Size of netflow's kernel connection map.
+    pub netflow_max_conns: u32,
+    /// Report loopback connections in netflow.
+    pub netflow_include_loopback: bool,
     /// Accepted, not served.
     pub pprof_host: Option<String>,
     pub pprof_port: Option<String>,
@@ -335,6 +341,9 @@ struct Layer {
     gzip: Option<bool>,
     bash_paths: Option<Vec<PathBuf>>,
     btf: Option<PathBuf>,
+    netflow_tier: Option<NetflowTier>,
+    netflow_max_conns: Option<usize>,
+    netflow_include_loopback: Option<bool>,
     pprof_host: Option<String>,
     pprof_port: Option<String>,
     host_root: Option<PathBuf>,
@@ -371,6 +380,11 @@ impl Layer {
             gzip: higher.gzip.or(self.gzip),
             bash_paths: higher.bash_paths.or(self.bash_paths),
             btf: higher.btf.or(self.btf),
+            netflow_tier: higher.netflow_tier.or(self.netflow_tier),
+            netflow_max_conns: higher.netflow_max_conns.or(self.netflow_max_conns),
+            netflow_include_loopback: higher
+                .netflow_include_loopback
+                .or(self.netflow_include_loopback),
             pprof_host: higher.pprof_host.or(self.pprof_host),
             pprof_port: higher.pprof_port.or(self.pprof_port),
             host_root: higher.host_root.or(self.host_root),
@@ -492,6 +506,11 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
         host_root: m.host_root.unwrap_or_else(|| PathBuf::from("/")),
         host_proc: m.host_proc.unwrap_or_else(|| PathBuf::from("/proc")),
         btf: m.btf,
+        netflow_tier: m.netflow_tier.unwrap_or(NetflowTier::Auto),
+        netflow_max_conns: m
+            .netflow_max_conns
+            .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
+        netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
         pprof_host: m.pprof_host,
         pprof_port: m.pprof_port,
         k8s: K8sConfig {
@@ -684,6 +703,45 @@ pub fn parse_tags<S: AsRef<str>>(items: &[S]) -> Result<Vec<(String, String)>, S
     Ok(out)
 }
 
+/// How netflow attaches to the kernel (`--netflow-tier`, `DKE_NETFLOW_TIER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetflowTier {
+    /// The best tier the running kernel supports.
+    Auto,
+    /// fentry/fexit (BPF trampolines).
+    Fentry,
+    /// kprobes/kretprobes.
+    Kprobe,
+    /// BTF-typed tracepoints (`tp_btf`).
+    Tracepoint,
+}
+
+impl NetflowTier {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => Ok(NetflowTier::Auto),
+        "fentry" => Ok(NetflowTier::Fentry),
+        "kprobe" => Ok(NetflowTier::Kprobe),
+        "tracepoint" => Ok(NetflowTier::Tracepoint),
+        other => Err(format!(
+            "unknown netflow tier `{other}`; valid tiers are: auto, fentry, kprobe, tracepoint"
+        )),
+    }
+}
+
+/// Upper bound of `--netflow-max-conns` (about 1 GB of kernel memory).
+const MAX_NETFLOW_CONNS: usize = 4_000_000;
+
 /// `host:port` or URL to a base URL: `http://` added when there is no scheme, no trailing `/`.
 fn base_url(addr: &str) -> Result<String, String> {
     let addr = addr.trim().trim_end_matches('/');
@@ -847,6 +905,17 @@ fn layer_from_cli(
         );
     }
     l.gzip = a.no_gzip.map(|no| !no);
+    if let Some(s) = &a.netflow_tier {
+        l.netflow_tier = Some(parse_netflow_tier(s).map_err(at("--netflow-tier"))?);
+    }
+    if let Some(s) = &a.netflow_max_conns {
+        l.netflow_max_conns = Some(
+            parse_int(s)
+                .and_then(|n| check_range(n, 16, MAX_NETFLOW_CONNS))
+                .map_err(at("--netflow-max-conns"))?,
+        );
+    }
+    l.netflow_include_loopback = a.netflow_include_loopback;
     if !a.bash_path.is_empty() {
         l.bash_paths = Some(a.bash_path.clone());
     }
@@ -925,6 +994,9 @@ fn layer_from_env(
     }
     if let Some(v) = set("DKE_LOG_LEVEL") {
         l.log_level = Some(parse_log_level(&v).map_err(at("DKE_LOG_LEVEL"))?);
+    }
+    if let Some(v) = set("DKE_NETFLOW_TIER") {
+        l.netflow_tier = Some(parse_netflow_tier(&v).map_err(at("DKE_NETFLOW_TIER"))?);
     }
     if let Some(v) = get("ENV_INPUT_EBPF_ENABLED_PLUGINS") {
         l.enabled =
@@ -1039,6 +1111,9 @@ const FILE_KEYS: &[&str] = &[
     "gzip",
     "bash_paths",
     "btf",
+    "netflow_tier",
+    "netflow_max_conns",
+    "netflow_include_loopback",
 ];
 
 /// The file's three layers, lowest first: `envs`, `args`, keys.
@@ -1409,6 +1484,14 @@ fn parse_ebpf_table(
                     Some(check_range(cx.integer(key, v)?, 1, MAX_QUEUE_CAPACITY).map_err(at)?);
             }
             "gzip" => l.gzip = Some(cx.boolean(key, v)?),
+            "netflow_tier" => {
+                l.netflow_tier = Some(parse_netflow_tier(&cx.string(key, v)?).map_err(at)?)
+            }
+            "netflow_max_conns" => {
+                l.netflow_max_conns =
+                    Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
+            }
+            "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
             "bash_paths" => {
                 let paths: Vec<PathBuf> = cx
                     .strings(key, v)?

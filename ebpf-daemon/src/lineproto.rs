@@ -29,7 +29,6 @@ pub const MAX_TAG_VALUE_LEN: usize = 1024;
 /// A field value. Every numeric field the reference emits is a signed integer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Field {
-    #[cfg_attr(not(test), expect(dead_code, reason = "used by the network plugins"))]
     Int(i64),
     #[cfg_attr(not(test), expect(dead_code, reason = "used by the network plugins"))]
     Uint(u64),
@@ -70,7 +69,6 @@ impl Point {
         }
     }
 
-    #[cfg_attr(not(test), expect(dead_code, reason = "used by the network plugins"))]
     /// Adds a tag (builder style). A later tag with the same key wins at encoding time.
     pub fn tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.tags.push((key.into(), value.into()));

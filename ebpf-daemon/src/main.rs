@@ -3,6 +3,7 @@
 //! Start-up order matters: the configuration is validated completely before anything touches the
 //! kernel, so a bad config file costs nothing and names the file, line and key.
 
+mod btf;
 mod check;
 mod cli;
 mod clock;
@@ -94,10 +95,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Probes the kernel once: features and BTF.
+fn probe_kernel(config: &Config, tracefs: Option<&std::path::Path>) -> plugins::Kernel {
+    plugins::Kernel {
+        features: kernel::KernelFeatures::probe(tracefs, config.btf.as_deref()),
+        btf: btf::KernelBtf::load(config.btf.as_deref()).map_err(|err| format!("{err:#}")),
+    }
+}
+
 fn run_check(config: &Config) -> ExitCode {
     let tracefs = lifecycle::ensure_tracefs();
-    let features = kernel::KernelFeatures::probe(tracefs.as_deref(), config.btf.as_deref());
-    let (report, ok) = check::report(config, &features);
+    let kernel = probe_kernel(config, tracefs.as_deref());
+    let (report, ok) = check::report(config, &kernel);
     print!("{report}");
     if ok {
         ExitCode::SUCCESS
@@ -123,7 +132,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     if let Some(tracefs) = &tracefs {
         lifecycle::remove_stale_probe_events(tracefs);
     }
-    let features = kernel::KernelFeatures::probe(tracefs.as_deref(), config.btf.as_deref());
+    let kernel = probe_kernel(&config, tracefs.as_deref());
 
     let sender = Sender::start(SenderOptions {
         target: match &config.output {
@@ -151,13 +160,13 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let mut failures = Vec::new();
     for &plugin in &config.enabled {
-        let availability = plugins::availability(plugin, &features, &config);
+        let availability = plugins::availability(plugin, &kernel, &config);
         if !availability.can_run {
             error!("{}: cannot run: {}", plugin.name(), availability.reason);
             failures.push(format!("{}: {}", plugin.name(), availability.reason));
             continue;
         }
-        match start_plugin(plugin, &config, ctx.clone(), &mut tasks) {
+        match start_plugin(plugin, &config, &kernel, ctx.clone(), &mut tasks) {
             Ok(()) => info!("{}: running via {}", plugin.name(), availability.mechanism),
             Err(err) => {
                 error!("{}: failed to start: {err:#}", plugin.name());
@@ -199,12 +208,33 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
 fn start_plugin(
     plugin: Plugin,
     config: &Config,
+    kernel: &plugins::Kernel,
     ctx: PluginContext,
     tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     match plugin {
         Plugin::Bash => {
             let collector = plugins::bash::BashCollector::load(config)?;
+            tasks.spawn(collector.run(ctx));
+            Ok(())
+        }
+        Plugin::Net => {
+            let btf = kernel
+                .btf()
+                .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
+            let choice = plugins::netflow::collector::choose_tier(
+                &kernel.features,
+                Ok(btf),
+                config.netflow_tier,
+            )
+            .map_err(|why| anyhow::anyhow!("netflow: no usable tier: {why}"))?;
+            info!(
+                "netflow: {} tier chosen: {}",
+                choice.tier.name(),
+                choice.reason
+            );
+            let collector =
+                plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
             tasks.spawn(collector.run(ctx));
             Ok(())
         }

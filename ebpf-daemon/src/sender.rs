@@ -30,7 +30,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// DataKit data category; selects the `/v1/write/<category>` endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Category {
-    #[cfg_attr(not(test), expect(dead_code, reason = "used by the network plugins"))]
     Network,
     Logging,
 }

@@ -113,13 +113,29 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         "{bash_line}"
     );
 
+    // netflow's tracepoint tier runs on this host kernel.
     let (code, stdout, _) = run(&["check", "--enabled", "ebpf-bash,ebpf-net"]);
+    assert_eq!(code, 0, "{stdout}");
+    let net_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("ebpf-net"))
+        .unwrap();
+    assert!(
+        net_line.contains("can run") && net_line.contains("tracepoint tier"),
+        "{net_line}"
+    );
+
+    // A forced tier this build or kernel lacks: cannot run, says why, exit 1.
+    let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
     assert_eq!(code, 1, "{stdout}");
     let net_line = stdout
         .lines()
         .find(|l| l.trim_start().starts_with("ebpf-net"))
         .unwrap();
-    assert!(net_line.contains("cannot run"), "{net_line}");
+    assert!(
+        net_line.contains("cannot run") && net_line.contains("kprobe: not built yet"),
+        "{net_line}"
+    );
 }
 
 /// The command line DataKit 1.82 builds (contract §3.6), plus flags older DataKits send.

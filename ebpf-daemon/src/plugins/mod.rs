@@ -1,12 +1,15 @@
 //! The plugins (`--enabled`): what each needs from the kernel, and what they share.
 
 pub mod bash;
+pub mod netflow;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{config::Config, kernel::KernelFeatures, lineproto::Point, sender::Sender};
+use crate::{
+    btf::KernelBtf, config::Config, kernel::KernelFeatures, lineproto::Point, sender::Sender,
+};
 
 /// Tags every point carries (contract §1.2): `host`, `service`, then the configured extra tags.
 /// A key the collector already set is not overwritten.
@@ -67,20 +70,29 @@ pub struct Availability {
     pub reason: String,
 }
 
-/// Availability of `plugin` given the probed kernel features (for `check` and for start-up).
+/// What start-up learnt about the running kernel.
+pub struct Kernel {
+    pub features: KernelFeatures,
+    /// The kernel's BTF (or `--btf`), or why it could not be read.
+    pub btf: Result<KernelBtf, String>,
+}
+
+impl Kernel {
+    pub fn btf(&self) -> Result<&KernelBtf, &str> {
+        self.btf.as_ref().map_err(String::as_str)
+    }
+}
+
+/// Availability of `plugin` on this kernel (for `check` and for start-up).
 pub fn availability(
     plugin: crate::config::Plugin,
-    features: &KernelFeatures,
+    kernel: &Kernel,
     config: &Config,
 ) -> Availability {
     use crate::config::Plugin;
     match plugin {
-        Plugin::Bash => bash::availability(features, config),
-        Plugin::Net => Availability {
-            can_run: false,
-            mechanism: "-".into(),
-            reason: "netflow, dnsflow and httpflow are not implemented in this version yet".into(),
-        },
+        Plugin::Bash => bash::availability(&kernel.features, config),
+        Plugin::Net => netflow::availability(kernel, config),
         other => Availability {
             can_run: false,
             mechanism: "-".into(),

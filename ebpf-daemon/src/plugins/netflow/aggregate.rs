@@ -1,0 +1,754 @@
+//! From cumulative per-connection counters to per-interval `netflow` rows (contract §1.3, §2.2).
+//!
+//! The kernel keeps cumulative counters per socket; a connection is identified by its socket
+//! address *and* the time tracking began (`start_ns`), because the kernel reuses socket memory.
+//! Each interval, a connection contributes its growth since the previous interval; a closed one
+//! its last growth and `tcp_closed = 1`, then it is forgotten. `tcp_established = 1` is counted
+//! once, only for handshakes seen while the probes were attached.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ebpf_common::netflow::{
+    AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING, ClosedConn,
+    ConnInfo, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{
+    lineproto::{Field, Point},
+    plugins::GlobalTags,
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct NetflowOptions {
+    /// Client-side ports at or above this fold to `*` (the reference's default 0 folds them all).
+    pub ephemeral_port_min: u16,
+    /// Report connections with a loopback end (left out by default, as the reference does).
+    pub include_loopback: bool,
+    pub ipv6_disabled: bool,
+    pub include_udp: bool,
+}
+
+/// One entry of the kernel's connection map.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSample {
+    pub sock: u64,
+    pub info: ConnInfo,
+}
+
+/// What the kernel records cannot tell: process names and listening ports.
+pub trait Resolver {
+    /// Name of `pid` given its kernel `comm`; "" when unknown (the tag is then left out).
+    fn process_name(&mut self, pid: u32, comm: &[u8; 16]) -> String;
+    /// True when `port` is a listening TCP port (or a bound, unconnected UDP port) in `pid`'s
+    /// network namespace: the direction of connections whose handshake we did not see.
+    fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool;
+}
+
+/// Counts of one interval, for the daemon's debug log and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntervalStats {
+    pub live: usize,
+    pub closed: usize,
+    pub rows: usize,
+    /// Left out by a filter (loopback, zero address or port, UDP, IPv6).
+    pub filtered: usize,
+}
+
+pub struct IntervalOutput {
+    pub points: Vec<Point>,
+    /// Map keys the caller must delete: closed entries still in the map, and idle ones.
+    pub delete: Vec<u64>,
+    pub stats: IntervalStats,
+}
+
+type ConnId = (u64, u64);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    sent: u64,
+    recv: u64,
+    retrans: u32,
+    established_reported: bool,
+}
+
+pub struct Tracker {
+    options: NetflowOptions,
+    seen: HashMap<ConnId, Seen>,
+    /// Closed in the last two intervals: a close can be both in the ring buffer and still in the
+    /// map (flagged) for a moment, and must count once.
+    closed_recently: [HashSet<ConnId>; 2],
+}
+
+impl Tracker {
+    pub fn new(options: NetflowOptions) -> Self {
+        Self {
+            options,
+            seen: HashMap::new(),
+            closed_recently: [HashSet::new(), HashSet::new()],
+        }
+    }
+
+    /// Connections remembered between intervals.
+    pub fn tracked(&self) -> usize {
+        self.seen.len()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn interval(
+        &mut self,
+        live: &[ConnSample],
+        closed: &[ClosedConn],
+        resolver: &mut dyn Resolver,
+        tags: &GlobalTags,
+        timestamp_ns: i64,
+        now_ns: u64,
+        idle_ns: u64,
+    ) -> IntervalOutput {
+        let mut rows: BTreeMap<RowKey, RowValues> = BTreeMap::new();
+        let mut delete = Vec::new();
+        let mut stats = IntervalStats::default();
+        let mut alive: HashSet<ConnId> = HashSet::new();
+        self.closed_recently.swap(0, 1);
+        self.closed_recently[0].clear();
+
+        let mut finals: Vec<(u64, ConnInfo)> = closed.iter().map(|c| (c.sock, c.info)).collect();
+        for sample in live {
+            let info = &sample.info;
+            if info.flags & CONN_F_CLOSED != 0 {
+                finals.push((sample.sock, *info));
+                delete.push(sample.sock);
+                continue;
+            }
+            if now_ns.saturating_sub(info.last_ns) > idle_ns {
+                // Idle for hours: report what is left and stop tracking (UDP sockets have no
+                // close event at every tier).
+                let id = (sample.sock, info.start_ns);
+                let delta = self.take(id, info);
+                self.add(&mut rows, &mut stats, resolver, info, delta, false);
+                delete.push(sample.sock);
+                continue;
+            }
+            stats.live += 1;
+            let id = (sample.sock, info.start_ns);
+            alive.insert(id);
+            let delta = self.advance(id, info);
+            self.add(&mut rows, &mut stats, resolver, info, delta, false);
+        }
+        for (sock, info) in finals {
+            let id = (sock, info.start_ns);
+            if self.closed_recently.iter().any(|set| set.contains(&id)) {
+                continue;
+            }
+            self.closed_recently[0].insert(id);
+            stats.closed += 1;
+            let delta = self.take(id, &info);
+            self.add(
+                &mut rows,
+                &mut stats,
+                resolver,
+                &info,
+                delta,
+                info.protocol == IPPROTO_TCP,
+            );
+        }
+        // Entries that left the map without a close record (evicted) are forgotten.
+        self.seen.retain(|id, _| alive.contains(id));
+
+        stats.rows = rows.len();
+        let points = rows
+            .into_iter()
+            .map(|(key, values)| row_point(&key, &values, tags, timestamp_ns))
+            .collect();
+        IntervalOutput {
+            points,
+            delete,
+            stats,
+        }
+    }
+
+    /// Growth of a live connection since the last interval.
+    fn advance(&mut self, id: ConnId, info: &ConnInfo) -> Delta {
+        let seen = self.seen.entry(id).or_default();
+        let delta = Delta::between(seen, info);
+        *seen = Seen {
+            sent: info.bytes_sent,
+            recv: info.bytes_recv,
+            retrans: info.retransmits,
+            established_reported: seen.established_reported || delta.established,
+        };
+        delta
+    }
+
+    /// Last growth of a connection that ends now; it is forgotten.
+    fn take(&mut self, id: ConnId, info: &ConnInfo) -> Delta {
+        let seen = self.seen.remove(&id).unwrap_or_default();
+        Delta::between(&seen, info)
+    }
+
+    fn add(
+        &self,
+        rows: &mut BTreeMap<RowKey, RowValues>,
+        stats: &mut IntervalStats,
+        resolver: &mut dyn Resolver,
+        info: &ConnInfo,
+        delta: Delta,
+        closed: bool,
+    ) {
+        let Some(mut key) = self.row_key(info, resolver) else {
+            stats.filtered += 1;
+            return;
+        };
+        if delta.sent == 0 && delta.recv == 0 && !delta.established && !closed {
+            return;
+        }
+        key.process_name = if info.pid == 0 {
+            String::new()
+        } else {
+            resolver.process_name(info.pid, &info.comm)
+        };
+        let row = rows.entry(key).or_default();
+        row.bytes_written += delta.sent;
+        row.bytes_read += delta.recv;
+        row.retransmits += u64::from(delta.retrans);
+        row.established += u64::from(delta.established);
+        row.closed += u64::from(closed);
+        if info.protocol == IPPROTO_TCP {
+            row.rtt_sum += u64::from(info.srtt_us);
+            row.rtt_var_sum += u64::from(info.rtt_var_us);
+            row.rtt_count += 1;
+        }
+    }
+
+    /// The row a connection belongs to, or None when a filter leaves it out.
+    fn row_key(&self, info: &ConnInfo, resolver: &mut dyn Resolver) -> Option<RowKey> {
+        let opts = &self.options;
+        let transport = match info.protocol {
+            IPPROTO_TCP => "tcp",
+            IPPROTO_UDP if opts.include_udp => "udp",
+            _ => return None,
+        };
+        let (src, dst) = (address(&info.saddr), address(&info.daddr));
+        let v4 = matches!((src, dst), (IpAddr::V4(_), IpAddr::V4(_)));
+        if !v4 && opts.ipv6_disabled {
+            return None;
+        }
+        if info.sport == 0 || info.dport == 0 || src.is_unspecified() || dst.is_unspecified() {
+            return None;
+        }
+        if !opts.include_loopback && (src.is_loopback() || dst.is_loopback()) {
+            return None;
+        }
+        let outgoing = if info.flags & CONN_F_OUTGOING != 0 {
+            true
+        } else if info.flags & CONN_F_INCOMING != 0 {
+            false
+        } else {
+            !resolver.is_listening(info.pid, info.protocol, info.sport)
+        };
+        let fold = |port: u16| {
+            if port >= opts.ephemeral_port_min {
+                "*".to_string()
+            } else {
+                port.to_string()
+            }
+        };
+        let (src_port, dst_port) = if outgoing {
+            (fold(info.sport), info.dport.to_string())
+        } else {
+            (info.sport.to_string(), fold(info.dport))
+        };
+        Some(RowKey {
+            src_ip: src,
+            dst_ip: dst,
+            src_port,
+            dst_port,
+            transport,
+            ipv4: v4 || info.family != AF_INET6,
+            outgoing,
+            pid: info.pid,
+            process_name: String::new(),
+            netns: info.netns,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Delta {
+    sent: u64,
+    recv: u64,
+    retrans: u32,
+    established: bool,
+}
+
+impl Delta {
+    fn between(seen: &Seen, now: &ConnInfo) -> Delta {
+        let went_down = now.bytes_sent < seen.sent
+            || now.bytes_recv < seen.recv
+            || now.retransmits < seen.retrans;
+        let established = now.flags & CONN_F_ESTABLISHED != 0 && !seen.established_reported;
+        if went_down {
+            // Cannot happen for one connection id; never report a negative delta.
+            return Delta {
+                established,
+                ..Delta::default()
+            };
+        }
+        Delta {
+            sent: now.bytes_sent - seen.sent,
+            recv: now.bytes_recv - seen.recv,
+            retrans: now.retransmits - seen.retrans,
+            established,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RowKey {
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
+    src_port: String,
+    dst_port: String,
+    transport: &'static str,
+    ipv4: bool,
+    outgoing: bool,
+    pid: u32,
+    process_name: String,
+    netns: u32,
+}
+
+#[derive(Debug, Default)]
+struct RowValues {
+    bytes_read: u64,
+    bytes_written: u64,
+    retransmits: u64,
+    established: u64,
+    closed: u64,
+    rtt_sum: u64,
+    rtt_var_sum: u64,
+    rtt_count: u64,
+}
+
+/// An address from the kernel's 16 bytes; IPv4-mapped and IPv4-compatible ones as IPv4.
+fn address(bytes: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*bytes);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    // IPv4-compatible (::a.b.c.d), but not :: and ::1.
+    if bytes[..12].iter().all(|&b| b == 0)
+        && u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) > 1
+    {
+        return IpAddr::V4(Ipv4Addr::new(bytes[12], bytes[13], bytes[14], bytes[15]));
+    }
+    IpAddr::V6(v6)
+}
+
+/// private → loopback → multicast → other, in the reference's order (Go's net.IP predicates).
+fn ip_type(ip: &IpAddr) -> &'static str {
+    let private = match ip {
+        IpAddr::V4(v4) => v4.is_private(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    };
+    if private {
+        "private"
+    } else if ip.is_loopback() {
+        "loopback"
+    } else if ip.is_multicast() {
+        "multicast"
+    } else {
+        "other"
+    }
+}
+
+fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) -> Point {
+    let (src_type, dst_type) = (ip_type(&key.src_ip), ip_type(&key.dst_ip));
+    let (src_ip, dst_ip) = (key.src_ip.to_string(), key.dst_ip.to_string());
+    // Client and server roles: outgoing, we are the client; incoming, the server.
+    let (client, server) = if key.outgoing {
+        (
+            (&src_ip, &key.src_port, src_type),
+            (&dst_ip, &key.dst_port, dst_type),
+        )
+    } else {
+        (
+            (&dst_ip, &key.dst_port, dst_type),
+            (&src_ip, &key.src_port, src_type),
+        )
+    };
+    let (client_sent, server_sent) = if key.outgoing {
+        (v.bytes_written, v.bytes_read)
+    } else {
+        (v.bytes_read, v.bytes_written)
+    };
+    let mut point = Point::new("netflow", timestamp_ns)
+        .tag("src_ip", src_ip.clone())
+        .tag("dst_ip", dst_ip.clone())
+        .tag("src_port", key.src_port.clone())
+        .tag("dst_port", key.dst_port.clone())
+        .tag("src_ip_type", src_type)
+        .tag("dst_ip_type", dst_type)
+        .tag("family", if key.ipv4 { "IPv4" } else { "IPv6" })
+        .tag("transport", key.transport)
+        .tag(
+            "direction",
+            if key.outgoing { "outgoing" } else { "incoming" },
+        )
+        .tag(
+            "pid",
+            if key.pid == 0 {
+                String::new()
+            } else {
+                key.pid.to_string()
+            },
+        )
+        .tag("process_name", key.process_name.clone())
+        .tag("netns", key.netns.to_string())
+        .tag("conn_side", if key.outgoing { "client" } else { "server" })
+        .tag("client_ip", client.0.clone())
+        .tag("client_port", client.1.clone())
+        .tag("client_ip_type", client.2)
+        .tag("server_ip", server.0.clone())
+        .tag("server_port", server.1.clone())
+        .tag("server_ip_type", server.2)
+        .field("bytes_read", int(v.bytes_read))
+        .field("bytes_written", int(v.bytes_written))
+        .field("client_sent", int(client_sent))
+        .field("server_sent", int(server_sent));
+    if key.transport == "tcp" {
+        let count = v.rtt_count.max(1);
+        point = point
+            .field("retransmits", int(v.retransmits))
+            .field("rtt", int(v.rtt_sum / count))
+            .field("rtt_var", int(v.rtt_var_sum / count))
+            .field("tcp_established", int(v.established))
+            .field("tcp_closed", int(v.closed));
+    }
+    tags.apply(&mut point);
+    point
+}
+
+fn int(v: u64) -> Field {
+    Field::Int(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use ebpf_common::netflow::AF_INET;
+
+    use super::*;
+
+    struct FakeResolver {
+        listening: Vec<u16>,
+    }
+
+    impl Resolver for FakeResolver {
+        fn process_name(&mut self, _pid: u32, comm: &[u8; 16]) -> String {
+            let len = comm.iter().position(|&b| b == 0).unwrap_or(16);
+            String::from_utf8_lossy(&comm[..len]).into_owned()
+        }
+        fn is_listening(&mut self, _pid: u32, _protocol: u16, port: u16) -> bool {
+            self.listening.contains(&port)
+        }
+    }
+
+    fn mapped(a: [u8; 4]) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&a);
+        b
+    }
+
+    fn conn(sport: u16, dport: u16, flags: u32) -> ConnInfo {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        ConnInfo {
+            saddr: mapped([10, 0, 0, 1]),
+            daddr: mapped([10, 0, 0, 2]),
+            sport,
+            dport,
+            family: AF_INET,
+            protocol: IPPROTO_TCP,
+            pid: 42,
+            netns: 4026531840,
+            comm,
+            start_ns: 1000,
+            last_ns: 1000,
+            srtt_us: 100,
+            rtt_var_us: 10,
+            flags,
+            ..ConnInfo::default()
+        }
+    }
+
+    fn options() -> NetflowOptions {
+        NetflowOptions {
+            ephemeral_port_min: 0,
+            include_loopback: false,
+            ipv6_disabled: false,
+            include_udp: true,
+        }
+    }
+
+    fn run(tracker: &mut Tracker, live: &[ConnSample], closed: &[ClosedConn]) -> Vec<Point> {
+        let tags = GlobalTags::from_pairs(&[("host", "h"), ("service", "ebpf")]);
+        let mut resolver = FakeResolver {
+            listening: vec![80],
+        };
+        tracker
+            .interval(live, closed, &mut resolver, &tags, 7, 2000, u64::MAX)
+            .points
+    }
+
+    fn field(p: &Point, k: &str) -> i64 {
+        match p.fields.iter().find(|(key, _)| key == k) {
+            Some((_, Field::Int(v))) => *v,
+            other => panic!("{k}: {other:?}"),
+        }
+    }
+
+    fn tag<'a>(p: &'a Point, k: &str) -> Option<&'a str> {
+        p.tags
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    const EST_OUT: u32 = CONN_F_ESTABLISHED | CONN_F_OUTGOING;
+
+    #[test]
+    fn deltas_over_intervals_add_up_and_close_is_counted_once() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 100;
+        c.bytes_recv = 1000;
+        let p1 = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(
+            (field(&p1[0], "bytes_written"), field(&p1[0], "bytes_read")),
+            (100, 1000)
+        );
+        assert_eq!(field(&p1[0], "tcp_established"), 1);
+        c.bytes_sent = 250;
+        c.retransmits = 2;
+        let p2 = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(
+            (field(&p2[0], "bytes_written"), field(&p2[0], "bytes_read")),
+            (150, 0)
+        );
+        assert_eq!(field(&p2[0], "tcp_established"), 0);
+        assert_eq!(field(&p2[0], "retransmits"), 2);
+        // No activity: no row.
+        assert!(run(&mut t, &[ConnSample { sock: 1, info: c }], &[]).is_empty());
+        c.bytes_recv = 1500;
+        c.flags |= CONN_F_CLOSED;
+        let p4 = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
+        assert_eq!(field(&p4[0], "bytes_read"), 500);
+        assert_eq!(field(&p4[0], "tcp_closed"), 1);
+        assert_eq!(t.tracked(), 0);
+        // The same close seen again (map entry not yet deleted) does not count twice.
+        assert!(run(&mut t, &[ConnSample { sock: 1, info: c }], &[]).is_empty());
+    }
+
+    #[test]
+    fn opened_and_closed_within_an_interval() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT | CONN_F_CLOSED);
+        c.bytes_sent = 10;
+        c.bytes_recv = 20;
+        let p = run(&mut t, &[], &[ClosedConn { sock: 9, info: c }]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            [
+                field(&p[0], "bytes_written"),
+                field(&p[0], "bytes_read"),
+                field(&p[0], "tcp_established"),
+                field(&p[0], "tcp_closed")
+            ],
+            [10, 20, 1, 1]
+        );
+    }
+
+    #[test]
+    fn pre_existing_connection_is_not_newly_established() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, 0);
+        c.bytes_sent = 5;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(field(&p[0], "tcp_established"), 0);
+        assert_eq!(
+            tag(&p[0], "direction"),
+            Some("outgoing"),
+            "port 40000 is not listening"
+        );
+    }
+
+    #[test]
+    fn tuple_reuse_is_a_new_connection() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 100;
+        run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        let mut reused = c;
+        reused.start_ns = 5000;
+        reused.bytes_sent = 30;
+        let p = run(
+            &mut t,
+            &[ConnSample {
+                sock: 1,
+                info: reused,
+            }],
+            &[],
+        );
+        assert_eq!(field(&p[0], "bytes_written"), 30);
+        assert_eq!(field(&p[0], "tcp_established"), 1);
+    }
+
+    #[test]
+    fn client_ports_fold_and_rows_merge() {
+        let mut t = Tracker::new(options());
+        let mut a = conn(40000, 80, EST_OUT);
+        a.bytes_sent = 1;
+        a.srtt_us = 100;
+        let mut b = conn(40001, 80, EST_OUT);
+        b.bytes_sent = 2;
+        b.srtt_us = 300;
+        let p = run(
+            &mut t,
+            &[
+                ConnSample { sock: 1, info: a },
+                ConnSample { sock: 2, info: b },
+            ],
+            &[],
+        );
+        assert_eq!(p.len(), 1);
+        assert_eq!(tag(&p[0], "src_port"), Some("*"));
+        assert_eq!(field(&p[0], "bytes_written"), 3);
+        assert_eq!(field(&p[0], "rtt"), 200);
+        assert_eq!(field(&p[0], "tcp_established"), 2);
+    }
+
+    #[test]
+    fn incoming_folds_the_client_port_and_server_type_is_the_servers() {
+        let mut t = Tracker::new(NetflowOptions {
+            ephemeral_port_min: 10001,
+            ..options()
+        });
+        let mut c = conn(80, 50000, CONN_F_ESTABLISHED | CONN_F_INCOMING);
+        c.daddr = mapped([8, 8, 8, 8]);
+        c.bytes_recv = 7;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(tag(&p[0], "direction"), Some("incoming"));
+        assert_eq!(
+            (tag(&p[0], "src_port"), tag(&p[0], "dst_port")),
+            (Some("80"), Some("*"))
+        );
+        assert_eq!(tag(&p[0], "server_ip_type"), Some("private"));
+        assert_eq!(tag(&p[0], "client_ip_type"), Some("other"));
+        assert_eq!(field(&p[0], "client_sent"), 7);
+        // Below the ephemeral floor a client port is kept.
+        let mut low = conn(80, 5000, CONN_F_ESTABLISHED | CONN_F_INCOMING);
+        low.bytes_recv = 1;
+        let p = run(&mut t, &[ConnSample { sock: 2, info: low }], &[]);
+        assert_eq!(tag(&p[0], "dst_port"), Some("5000"));
+    }
+
+    #[test]
+    fn loopback_is_left_out_unless_included() {
+        let mut c = conn(40000, 80, EST_OUT);
+        c.saddr = mapped([127, 0, 0, 1]);
+        c.daddr = mapped([127, 0, 0, 1]);
+        c.bytes_sent = 1;
+        assert!(
+            run(
+                &mut Tracker::new(options()),
+                &[ConnSample { sock: 1, info: c }],
+                &[]
+            )
+            .is_empty()
+        );
+        let p = run(
+            &mut Tracker::new(NetflowOptions {
+                include_loopback: true,
+                ..options()
+            }),
+            &[ConnSample { sock: 1, info: c }],
+            &[],
+        );
+        assert_eq!(tag(&p[0], "src_ip_type"), Some("loopback"));
+    }
+
+    #[test]
+    fn ipv6_and_udp_rows() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 53, 0);
+        c.family = AF_INET6;
+        c.protocol = IPPROTO_UDP;
+        c.saddr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
+        c.daddr = "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets();
+        c.bytes_sent = 60;
+        c.bytes_recv = 120;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(tag(&p[0], "family"), Some("IPv6"));
+        assert_eq!(tag(&p[0], "transport"), Some("udp"));
+        assert_eq!(tag(&p[0], "src_ip_type"), Some("private"));
+        assert_eq!(tag(&p[0], "dst_ip_type"), Some("other"));
+        assert!(
+            p[0].fields
+                .iter()
+                .all(|(k, _)| !k.starts_with("tcp_") && k != "rtt")
+        );
+        let disabled = run(
+            &mut Tracker::new(NetflowOptions {
+                ipv6_disabled: true,
+                ..options()
+            }),
+            &[ConnSample { sock: 1, info: c }],
+            &[],
+        );
+        assert!(disabled.is_empty());
+    }
+
+    #[test]
+    fn closed_flag_in_the_map_is_collected_and_deleted() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT | CONN_F_CLOSED);
+        c.bytes_sent = 3;
+        let tags = GlobalTags::from_pairs(&[]);
+        let mut resolver = FakeResolver { listening: vec![] };
+        let out = t.interval(
+            &[ConnSample { sock: 77, info: c }],
+            &[],
+            &mut resolver,
+            &tags,
+            0,
+            0,
+            u64::MAX,
+        );
+        assert_eq!(out.delete, [77]);
+        assert_eq!(field(&out.points[0], "tcp_closed"), 1);
+    }
+
+    #[test]
+    fn exact_line() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 100;
+        c.bytes_recv = 2000;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        let mut line = String::new();
+        p[0].encode(&mut line).unwrap();
+        assert_eq!(
+            line,
+            "netflow,client_ip=10.0.0.1,client_ip_type=private,client_port=*,conn_side=client,direction=outgoing,\
+             dst_ip=10.0.0.2,\
+             dst_ip_type=private,dst_port=80,family=IPv4,host=h,netns=4026531840,pid=42,process_name=curl,\
+             server_ip=10.0.0.2,server_ip_type=private,server_port=80,service=ebpf,src_ip=10.0.0.1,\
+             src_ip_type=private,src_port=*,transport=tcp \
+             bytes_read=2000i,bytes_written=100i,client_sent=100i,server_sent=2000i,retransmits=0i,rtt=100i,\
+             rtt_var=10i,tcp_established=1i,tcp_closed=0i 7"
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! Loads the netflow programs at the chosen tier, and each interval turns the kernel's
+//! per-connection counters (and the connections closed meanwhile) into `netflow` rows.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+};
+use ebpf_common::netflow::{
+    CLOSED_MAP, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_COUNT,
+    NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL,
+    STATS_MAP,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+use super::aggregate::{ConnSample, NetflowOptions, Resolver, Tracker};
+use crate::{
+    btf::KernelBtf,
+    clock,
+    config::{Config, NetflowTier},
+    kernel::KernelFeatures,
+    plugins::PluginContext,
+    sender::{Category, Destination},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netflow"));
+
+pub const DESTINATION: Destination = Destination {
+    category: Category::Network,
+    input: "ebpf-net/netflow",
+};
+
+/// True when this binary was built without the eBPF toolchain.
+pub fn object_is_empty() -> bool {
+    OBJECT.is_empty()
+}
+
+/// (program, BTF tracepoint) pairs of the tracepoint tier.
+const TRACEPOINT_PROGRAMS: [(&str, &str); 4] = [
+    ("netflow_send", "sock_send_length"),
+    ("netflow_recv", "sock_recv_length"),
+    ("netflow_state", "inet_sock_set_state"),
+    ("netflow_retransmit", "tcp_retransmit_skb"),
+];
+
+/// Live connections idle this long are dropped from the kernel map (UDP sockets have no close
+/// event in the tracepoint tier; a TCP close we missed must not pin an entry forever).
+const IDLE_NS: u64 = 6 * 3600 * 1_000_000_000;
+
+/// The tier chosen for this kernel and why.
+#[derive(Debug, Clone)]
+pub struct TierChoice {
+    pub tier: NetflowTier,
+    pub reason: String,
+}
+
+/// Picks the attach tier: the forced one, or the best one this kernel and build support.
+/// Errors say why no (or not the forced) tier can run.
+pub fn choose_tier(
+    features: &KernelFeatures,
+    btf: Result<&KernelBtf, &str>,
+    forced: NetflowTier,
+) -> Result<TierChoice, String> {
+    let mut notes = Vec::new();
+    let candidates: &[NetflowTier] = match forced {
+        NetflowTier::Auto => &[
+            NetflowTier::Fentry,
+            NetflowTier::Kprobe,
+            NetflowTier::Tracepoint,
+        ],
+        NetflowTier::Fentry => &[NetflowTier::Fentry],
+        NetflowTier::Kprobe => &[NetflowTier::Kprobe],
+        NetflowTier::Tracepoint => &[NetflowTier::Tracepoint],
+    };
+    for &tier in candidates {
+        match tier_support(tier, features, btf) {
+            Ok(why) => {
+                notes.push(format!("{}: {why}", tier.name()));
+                let reason = if forced == NetflowTier::Auto {
+                    notes.join("; ")
+                } else {
+                    format!("forced by --netflow-tier; {}", notes.join("; "))
+                };
+                return Ok(TierChoice { tier, reason });
+            }
+            Err(why) => notes.push(format!("{}: {why}", tier.name())),
+        }
+    }
+    Err(notes.join("; "))
+}
+
+fn tier_support(
+    tier: NetflowTier,
+    features: &KernelFeatures,
+    btf: Result<&KernelBtf, &str>,
+) -> Result<String, String> {
+    match tier {
+        NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
+        // Planned tiers: same accounting from tcp_sendmsg/tcp_cleanup_rbuf/udp_* hooks.
+        NetflowTier::Fentry => Err(format!(
+            "not built yet (kernel: {})",
+            if features.fentry.available {
+                "trampolines available"
+            } else {
+                "no trampolines"
+            }
+        )),
+        NetflowTier::Kprobe => Err(format!(
+            "not built yet (kernel: {})",
+            if features.kprobes.available {
+                "kprobes available"
+            } else {
+                "no kprobes"
+            }
+        )),
+        NetflowTier::Tracepoint => {
+            let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
+            let missing: Vec<&str> = TRACEPOINT_PROGRAMS
+                .iter()
+                .map(|(_, tp)| *tp)
+                .filter(|tp| !btf.has_tracepoint(tp))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "kernel lacks the BTF tracepoints {} (sock_send_length/sock_recv_length need 6.3+)",
+                    missing.join(", ")
+                ));
+            }
+            if !features.ringbuf.available {
+                return Err("needs the BPF ring buffer (5.8+)".into());
+            }
+            Ok("tp_btf sock_send_length, sock_recv_length, inet_sock_set_state, tcp_retransmit_skb".into())
+        }
+    }
+}
+
+/// The loaded and attached programs. Dropping it detaches everything.
+pub struct NetflowCollector {
+    _ebpf: Ebpf,
+    conns: HashMap<MapData, u64, ConnInfo>,
+    closed: AsyncFd<RingBuf<MapData>>,
+    stats: PerCpuArray<MapData, u64>,
+    tracker: Tracker,
+    resolver: ProcResolver,
+}
+
+impl NetflowCollector {
+    pub fn load(
+        config: &Config,
+        kernel_btf: &KernelBtf,
+        tier: &TierChoice,
+    ) -> anyhow::Result<Self> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
+            );
+        }
+        if tier.tier != NetflowTier::Tracepoint {
+            bail!("the {} tier is not built yet", tier.tier.name());
+        }
+        let offsets = kernel_btf
+            .net_offsets()
+            .context("reading struct offsets from kernel BTF")?;
+        debug!("netflow: kernel offsets {offsets:?}");
+        let btf = match &config.btf {
+            Some(path) => Btf::parse_file(path, Endianness::default())
+                .with_context(|| format!("parsing BTF file {}", path.display()))?,
+            None => Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .map_max_entries(CONNS_MAP, config.netflow_max_conns)
+            .load(OBJECT)
+            .context("loading the netflow object")?;
+        for (name, tracepoint) in TRACEPOINT_PROGRAMS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load(tracepoint, &btf)
+                .with_context(|| format!("loading {name} for tp_btf/{tracepoint}"))?;
+            program
+                .attach()
+                .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
+        }
+        info!(
+            "netflow: attached at the {} tier ({} connections max)",
+            tier.tier.name(),
+            config.netflow_max_conns
+        );
+        let conns = HashMap::try_from(ebpf.take_map(CONNS_MAP).context("connection map")?)?;
+        let closed = RingBuf::try_from(ebpf.take_map(CLOSED_MAP).context("closed ring buffer")?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+        let closed = unsafe { AsyncFd::register(closed) }
+            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
+        let options = NetflowOptions {
+            ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
+            include_loopback: config.netflow_include_loopback,
+            ipv6_disabled: config.ipv6_disabled,
+            include_udp: true,
+        };
+        Ok(Self {
+            _ebpf: ebpf,
+            conns,
+            closed,
+            stats,
+            tracker: Tracker::new(options),
+            resolver: ProcResolver::new(config.host_proc.clone()),
+        })
+    }
+
+    /// Drains closed connections as they come; every interval, reports the rows.
+    pub async fn run(mut self, mut ctx: PluginContext) -> anyhow::Result<()> {
+        let mut closed: Vec<ClosedConn> = Vec::new();
+        let mut tick = tokio::time::interval(ctx.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: the first report is one interval in
+        let mut lost_reported = [0u64; NETFLOW_STAT_COUNT as usize];
+        loop {
+            tokio::select! {
+                ready = self.closed.readable_mut() => {
+                    let mut guard = ready?;
+                    drain(guard.get_inner_mut(), &mut closed);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    drain(self.closed.get_mut(), &mut closed);
+                    self.report(&ctx, &mut closed);
+                    self.report_losses(&mut lost_reported);
+                }
+                _ = ctx.shutdown.changed() => break,
+            }
+        }
+        // What happened since the last interval is still reported.
+        drain(self.closed.get_mut(), &mut closed);
+        self.report(&ctx, &mut closed);
+        self.report_losses(&mut lost_reported);
+        Ok(())
+    }
+
+    fn report(&mut self, ctx: &PluginContext, closed: &mut Vec<ClosedConn>) {
+        let live: Vec<ConnSample> = self
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(sock, info)| ConnSample { sock, info })
+            .collect();
+        self.resolver.new_interval();
+        let output = self.tracker.interval(
+            &live,
+            closed,
+            &mut self.resolver,
+            &ctx.tags,
+            clock::now_unix_ns(),
+            clock::monotonic_ns(),
+            IDLE_NS,
+        );
+        closed.clear();
+        for sock in &output.delete {
+            let _ = self.conns.remove(sock);
+        }
+        debug!(
+            "netflow: {} live, {} rows, {} tracked, {:?}",
+            live.len(),
+            output.points.len(),
+            self.tracker.tracked(),
+            output.stats
+        );
+        if !output.points.is_empty() {
+            ctx.sender.submit(DESTINATION, output.points);
+        }
+    }
+
+    /// Logs kernel-side losses since the last report.
+    fn report_losses(&self, reported: &mut [u64; NETFLOW_STAT_COUNT as usize]) {
+        for (index, what) in [
+            (
+                NETFLOW_STAT_MAP_FULL,
+                "connections not tracked: map full (raise --netflow-max-conns)",
+            ),
+            (
+                NETFLOW_STAT_RINGBUF_FULL,
+                "closed connections deferred: ring buffer full",
+            ),
+            (
+                NETFLOW_STAT_READ_FAILED,
+                "events skipped: kernel memory read failed",
+            ),
+        ] {
+            let total: u64 = self
+                .stats
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            let slot = &mut reported[index as usize];
+            if total > *slot {
+                warn!("netflow: {} {what} (total {total})", total - *slot);
+                *slot = total;
+            }
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<ClosedConn>() {
+            warn!(
+                "netflow: short closed record of {} bytes skipped",
+                item.len()
+            );
+            continue;
+        }
+        // SAFETY: length checked; the record may be unaligned.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+    }
+}
+
+/// Process names and listening ports from /proc (`HOST_PROC`), cached for one interval.
+struct ProcResolver {
+    proc_root: PathBuf,
+    listening: StdHashMap<(u32, u16), HashSet<u16>>,
+}
+
+impl ProcResolver {
+    fn new(proc_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            listening: StdHashMap::new(),
+        }
+    }
+
+    fn new_interval(&mut self) {
+        self.listening.clear();
+    }
+
+    /// Listening TCP ports, or bound-but-unconnected UDP ports, in `pid`'s network namespace.
+    fn ports(&self, pid: u32, protocol: u16) -> HashSet<u16> {
+        let dir = if pid == 0 {
+            "self".to_string()
+        } else {
+            pid.to_string()
+        };
+        let Ok(process) = procfs::process::Process::new_with_root(self.proc_root.join(dir)) else {
+            return HashSet::new();
+        };
+        let mut ports = HashSet::new();
+        if protocol == IPPROTO_TCP {
+            for entry in [process.tcp(), process.tcp6()]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.state == procfs::net::TcpState::Listen {
+                    ports.insert(entry.local_address.port());
+                }
+            }
+        } else {
+            for entry in [process.udp(), process.udp6()]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.remote_address.port() == 0 {
+                    ports.insert(entry.local_address.port());
+                }
+            }
+        }
+        ports
+    }
+}
+
+impl Resolver for ProcResolver {
+    fn process_name(&mut self, pid: u32, comm: &[u8; 16]) -> String {
+        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        let comm = String::from_utf8_lossy(&comm[..len]).into_owned();
+        // The kernel cuts comm at 15 bytes; like gopsutil (the reference), prefer argv[0]'s
+        // basename when it extends the cut name.
+        if len == 15 && pid != 0 {
+            let cmdline = std::fs::read(self.proc_root.join(pid.to_string()).join("cmdline"))
+                .unwrap_or_default();
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            let base = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+            let base = String::from_utf8_lossy(base);
+            if base.starts_with(&comm) {
+                return base.into_owned();
+            }
+        }
+        comm
+    }
+
+    fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool {
+        let key = (pid, protocol);
+        if !self.listening.contains_key(&key) {
+            let ports = self.ports(pid, protocol);
+            self.listening.insert(key, ports);
+        }
+        self.listening[&key].contains(&port)
+    }
+}

@@ -1,0 +1,347 @@
+//! netflow, tracepoint tier: BTF-typed tracepoints (`tp_btf`) that need neither kprobes nor BPF
+//! trampolines, so they work where both are unavailable (such as this project's CI kernel).
+//!
+//! - `sock_send_length` / `sock_recv_length` (kernel 6.3+): every send and receive on a socket,
+//!   in the calling process's context, with the byte count: bytes and pid.
+//! - `inet_sock_set_state`: the TCP state machine: direction (SYN_SENT→ESTABLISHED is ours,
+//!   SYN_RECV→ESTABLISHED is accepted), connections established while we watch, and CLOSE, where
+//!   the final counters go to userspace through a ring buffer and the map entry is freed.
+//! - `tcp_retransmit_skb`: refreshes the retransmit counter of a connection that is not sending.
+//!
+//! Counters live in a hash map keyed by the socket's address; userspace reads it each interval.
+//! Nothing is sent to userspace per packet or per syscall.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target's core atomics have no read-modify-write; the intrinsic compiles to BPF's
+// atomic add. The eBPF crate is always built with nightly.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod probe {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+    use aya_ebpf::{
+        bindings::BPF_NOEXIST,
+        helpers::{
+            bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        },
+        macros::{btf_tracepoint, map},
+        maps::{HashMap, PerCpuArray, RingBuf},
+        programs::BtfTracePointContext,
+    };
+    use ebpf_common::netflow::{
+        AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
+        ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
+        NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets,
+    };
+
+    /// Filled in by the daemon from the running kernel's BTF before loading.
+    #[unsafe(no_mangle)]
+    static NET_OFFSETS: NetOffsets = NetOffsets {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        skc_net: 0,
+        sk_protocol: 0,
+        sk_type: 0,
+        tcp_srtt_us: 0,
+        tcp_mdev_us: 0,
+        tcp_total_retrans: 0,
+        net_ns_inum: 0,
+    };
+
+    /// Resized by the daemon (`--netflow-max-conns`).
+    #[map]
+    static NETFLOW_CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+    /// Closed connections; 256 KiB holds about 2,000 records between two reads.
+    #[map]
+    static NETFLOW_CLOSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+    #[map]
+    static NETFLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NETFLOW_STAT_COUNT, 0);
+
+    const TCP_ESTABLISHED: i32 = 1;
+    const TCP_SYN_SENT: i32 = 2;
+    const TCP_SYN_RECV: i32 = 3;
+    const TCP_CLOSE: i32 = 7;
+    const MSG_PEEK: i32 = 2;
+
+    fn offsets() -> NetOffsets {
+        // SAFETY: a read of our own read-only global; volatile so the loader's value is used,
+        // not the zeroes the compiler sees.
+        unsafe { core::ptr::read_volatile(&NET_OFFSETS) }
+    }
+
+    fn count(index: u32) {
+        if let Some(counter) = NETFLOW_STATS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot.
+            unsafe { *counter += 1 };
+        }
+    }
+
+    /// Reads a `T` at `base + offset` in kernel memory.
+    fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+        // SAFETY: the helper checks the address; a failure is an error, never a fault.
+        unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }
+            .map_err(|_| ())
+    }
+
+    #[btf_tracepoint(function = "sock_send_length")]
+    pub fn netflow_send(ctx: BtfTracePointContext) -> u32 {
+        let sk: *const u8 = ctx.arg(0);
+        let ret: i32 = ctx.arg(1);
+        if ret > 0 {
+            on_io(sk, ret as u64, 0);
+        }
+        0
+    }
+
+    #[btf_tracepoint(function = "sock_recv_length")]
+    pub fn netflow_recv(ctx: BtfTracePointContext) -> u32 {
+        let sk: *const u8 = ctx.arg(0);
+        let ret: i32 = ctx.arg(1);
+        let flags: i32 = ctx.arg(2);
+        // A peek leaves the data in the socket: it is counted when really read.
+        if ret > 0 && flags & MSG_PEEK == 0 {
+            on_io(sk, 0, ret as u64);
+        }
+        0
+    }
+
+    #[btf_tracepoint(function = "inet_sock_set_state")]
+    pub fn netflow_state(ctx: BtfTracePointContext) -> u32 {
+        let sk: *const u8 = ctx.arg(0);
+        let old: i32 = ctx.arg(1);
+        let new: i32 = ctx.arg(2);
+        if on_state(sk, old, new).is_err() {
+            count(NETFLOW_STAT_READ_FAILED);
+        }
+        0
+    }
+
+    #[btf_tracepoint(function = "tcp_retransmit_skb")]
+    pub fn netflow_retransmit(ctx: BtfTracePointContext) -> u32 {
+        let sk: *const u8 = ctx.arg(0);
+        let key = sk as u64;
+        if let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) {
+            // This fires just before the kernel adds the retransmission to total_retrans, so
+            // count it here; later reads of the real counter (at I/O and close) make it exact.
+            if let Ok(total) = read::<u32>(sk, offsets().tcp_total_retrans) {
+                // SAFETY: `info` points into the map value.
+                unsafe { raise(&mut (*info).retransmits, total + 1) };
+            }
+        }
+        0
+    }
+
+    /// Adds to a counter that several CPUs may update at once (two threads on one socket).
+    fn add(field: &mut u64, n: u64) {
+        // SAFETY: an aligned u64 inside a map value.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
+    }
+
+    /// Raises a counter that only grows; a lost race is corrected by the next read.
+    fn raise(field: &mut u32, value: u32) {
+        if value > *field {
+            *field = value;
+        }
+    }
+
+    /// A send or receive by the current process.
+    fn on_io(sk: *const u8, sent: u64, recv: u64) {
+        let key = sk as u64;
+        let info = match NETFLOW_CONNS.get_ptr_mut(&key) {
+            Some(info) => info,
+            None => {
+                let Ok(Some(new)) = describe(sk) else {
+                    return;
+                };
+                // Connected UDP sockets only: an unconnected one has no peer in the socket.
+                if new.dport == 0 {
+                    return;
+                }
+                if !track(key, &new) {
+                    return;
+                }
+                match NETFLOW_CONNS.get_ptr_mut(&key) {
+                    Some(info) => info,
+                    None => return,
+                }
+            }
+        };
+        // SAFETY: `info` points into the map value for this socket.
+        unsafe {
+            if sent > 0 {
+                add(&mut (*info).bytes_sent, sent);
+            }
+            if recv > 0 {
+                add(&mut (*info).bytes_recv, recv);
+            }
+            (*info).last_ns = bpf_ktime_get_ns();
+            if (*info).pid == 0 {
+                set_process(&mut *info);
+            }
+            if (*info).protocol == IPPROTO_TCP {
+                read_tcp(sk, &mut *info);
+            }
+        }
+    }
+
+    fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
+        let key = sk as u64;
+        match new {
+            TCP_SYN_SENT => {
+                // connect(): the only state change made in the connecting process's context.
+                if let Some(mut info) = describe(sk)? {
+                    set_process(&mut info);
+                    track(key, &info);
+                }
+            }
+            TCP_ESTABLISHED => {
+                let direction = match old {
+                    TCP_SYN_SENT => CONN_F_OUTGOING,
+                    TCP_SYN_RECV => CONN_F_INCOMING,
+                    _ => 0,
+                };
+                let Some(fresh) = describe(sk)? else {
+                    return Ok(());
+                };
+                match NETFLOW_CONNS.get_ptr_mut(&key) {
+                    // The tuple is complete only now (the source port is picked after SYN_SENT).
+                    // SAFETY: map value of this socket.
+                    Some(info) => unsafe {
+                        (*info).saddr = fresh.saddr;
+                        (*info).daddr = fresh.daddr;
+                        (*info).sport = fresh.sport;
+                        (*info).dport = fresh.dport;
+                        (*info).flags |= CONN_F_ESTABLISHED | direction;
+                        (*info).last_ns = bpf_ktime_get_ns();
+                    },
+                    None => {
+                        let mut info = fresh;
+                        info.flags |= CONN_F_ESTABLISHED | direction;
+                        track(key, &info);
+                    }
+                }
+            }
+            TCP_CLOSE => {
+                if let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) {
+                    // SAFETY: map value of this socket.
+                    unsafe {
+                        read_tcp(sk, &mut *info);
+                        (*info).flags |= CONN_F_CLOSED;
+                        (*info).last_ns = bpf_ktime_get_ns();
+                    }
+                    match NETFLOW_CLOSED.reserve::<ClosedConn>(0) {
+                        Some(mut entry) => {
+                            // SAFETY: reserved slot of the right size; `info` is the map value.
+                            unsafe {
+                                entry.write(ClosedConn {
+                                    sock: key,
+                                    info: *info,
+                                });
+                            }
+                            entry.submit(0);
+                            let _ = NETFLOW_CONNS.remove(&key);
+                        }
+                        // Left in the map flagged closed: the daemon collects it at its next sweep.
+                        None => count(NETFLOW_STAT_RINGBUF_FULL),
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Inserts a new entry; counts a full map.
+    fn track(key: u64, info: &ConnInfo) -> bool {
+        match NETFLOW_CONNS.insert(&key, info, BPF_NOEXIST as u64) {
+            Ok(()) => true,
+            // -EEXIST: another CPU inserted it first; use theirs.
+            Err(-17) => true,
+            Err(_) => {
+                count(NETFLOW_STAT_MAP_FULL);
+                false
+            }
+        }
+    }
+
+    fn set_process(info: &mut ConnInfo) {
+        info.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if let Ok(comm) = bpf_get_current_comm() {
+            info.comm = comm;
+        }
+    }
+
+    /// RTT and retransmits as TCP_INFO reports them (srtt >> 3, mdev >> 2, total_retrans).
+    fn read_tcp(sk: *const u8, info: &mut ConnInfo) {
+        let off = offsets();
+        if let (Ok(srtt), Ok(mdev), Ok(retrans)) = (
+            read::<u32>(sk, off.tcp_srtt_us),
+            read::<u32>(sk, off.tcp_mdev_us),
+            read::<u32>(sk, off.tcp_total_retrans),
+        ) {
+            info.srtt_us = srtt >> 3;
+            info.rtt_var_us = mdev >> 2;
+            raise(&mut info.retransmits, retrans);
+        }
+    }
+
+    /// A new record for an INET TCP or UDP socket; Ok(None) for any other socket.
+    fn describe(sk: *const u8) -> Result<Option<ConnInfo>, ()> {
+        let off = offsets();
+        let family: u16 = read(sk, off.skc_family)?;
+        if family != AF_INET && family != AF_INET6 {
+            return Ok(None);
+        }
+        let protocol: u16 = read(sk, off.sk_protocol)?;
+        if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+            return Ok(None);
+        }
+        let mut info = ConnInfo {
+            family,
+            protocol,
+            start_ns: unsafe { bpf_ktime_get_ns() },
+            ..ConnInfo::default()
+        };
+        info.last_ns = info.start_ns;
+        info.sport = read(sk, off.skc_num)?;
+        info.dport = u16::from_be(read(sk, off.skc_dport)?);
+        if family == AF_INET {
+            let saddr: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
+            let daddr: [u8; 4] = read(sk, off.skc_daddr)?;
+            info.saddr = v4_mapped(saddr);
+            info.daddr = v4_mapped(daddr);
+        } else {
+            info.saddr = read(sk, off.skc_v6_rcv_saddr)?;
+            info.daddr = read(sk, off.skc_v6_daddr)?;
+        }
+        let net: *const u8 = read(sk, off.skc_net)?;
+        info.netns = read(net, off.net_ns_inum)?;
+        Ok(Some(info))
+    }
+
+    fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+        [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+        ]
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
