@@ -216,7 +216,10 @@ impl CliArgs {
     name = "datakit-ebpf",
     version,
     about = "eBPF network and bash collector for DataKit (drop-in replacement for its eBPF external input)",
-    after_help = "Without a subcommand, flags are taken as `run` (older DataKits start it that way)."
+    after_help = "Without a subcommand, flags are taken as `run` (older DataKits start it that way).",
+    // A flag given twice takes its last value, as Go's pflag (the reference) does: DataKit can
+    // repeat one (an `--interval` in the conf's args and its own).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -243,7 +246,7 @@ enum Sub {
 
 /// The file's `args` array: the same flags, no subcommand, no program name.
 #[derive(Debug, Parser)]
-#[command(name = "args", no_binary_name = true)]
+#[command(name = "args", no_binary_name = true, args_override_self = true)]
 struct ArgsOnly {
     #[command(flatten)]
     args: CliArgs,

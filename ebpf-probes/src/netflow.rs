@@ -132,11 +132,12 @@ mod probe {
         let sk: *const u8 = ctx.arg(0);
         let key = sk as u64;
         if let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) {
-            // This fires just before the kernel adds the retransmission to total_retrans, so
-            // count it here; later reads of the real counter (at I/O and close) make it exact.
+            // This fires before the kernel adds this retransmission to total_retrans (and, on
+            // newer kernels, for failed attempts too): record what is there; the reads at the
+            // next I/O and at close bring it up to date, exactly.
             if let Ok(total) = read::<u32>(sk, offsets().tcp_total_retrans) {
                 // SAFETY: `info` points into the map value.
-                unsafe { raise(&mut (*info).retransmits, total + 1) };
+                unsafe { raise(&mut (*info).retransmits, total) };
             }
         }
         0

@@ -2,6 +2,8 @@
 //! interactive bash on a pseudo-terminal.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::{
     fs,
     io::{Read as _, Write as _},

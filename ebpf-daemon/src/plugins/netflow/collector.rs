@@ -329,6 +329,7 @@ fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
 struct ProcResolver {
     proc_root: PathBuf,
     listening: StdHashMap<(u32, u16), HashSet<u16>>,
+    names: StdHashMap<u32, String>,
 }
 
 impl ProcResolver {
@@ -336,11 +337,41 @@ impl ProcResolver {
         Self {
             proc_root,
             listening: StdHashMap::new(),
+            names: StdHashMap::new(),
         }
     }
 
     fn new_interval(&mut self) {
         self.listening.clear();
+        self.names.clear();
+    }
+
+    /// The process name as the reference reports it (gopsutil's `Name()`): the process's own
+    /// comm (`/proc/<pid>/comm`, its main thread, not the thread that did the I/O), extended to
+    /// argv[0]'s basename when the kernel cut it at 15 bytes. A process that has exited keeps
+    /// the comm the kernel recorded.
+    fn lookup_name(&self, pid: u32, kernel_comm: &[u8; 16]) -> String {
+        let dir = self.proc_root.join(pid.to_string());
+        let comm = match std::fs::read_to_string(dir.join("comm")) {
+            Ok(comm) => comm.trim_end_matches('\n').to_string(),
+            Err(_) => {
+                let len = kernel_comm
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(kernel_comm.len());
+                return String::from_utf8_lossy(&kernel_comm[..len]).into_owned();
+            }
+        };
+        if comm.len() == 15 {
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            let base = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+            let base = String::from_utf8_lossy(base);
+            if base.starts_with(&comm) {
+                return base.into_owned();
+            }
+        }
+        comm
     }
 
     /// Listening TCP ports, or bound-but-unconnected UDP ports, in `pid`'s network namespace.
@@ -381,21 +412,12 @@ impl ProcResolver {
 
 impl Resolver for ProcResolver {
     fn process_name(&mut self, pid: u32, comm: &[u8; 16]) -> String {
-        let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-        let comm = String::from_utf8_lossy(&comm[..len]).into_owned();
-        // The kernel cuts comm at 15 bytes; like gopsutil (the reference), prefer argv[0]'s
-        // basename when it extends the cut name.
-        if len == 15 && pid != 0 {
-            let cmdline = std::fs::read(self.proc_root.join(pid.to_string()).join("cmdline"))
-                .unwrap_or_default();
-            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-            let base = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
-            let base = String::from_utf8_lossy(base);
-            if base.starts_with(&comm) {
-                return base.into_owned();
-            }
+        if let Some(name) = self.names.get(&pid) {
+            return name.clone();
         }
-        comm
+        let name = self.lookup_name(pid, comm);
+        self.names.insert(pid, name.clone());
+        name
     }
 
     fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool {

@@ -1,0 +1,321 @@
+//! netflow end to end: real connections between network namespaces the test creates, the
+//! daemon's real programs at the tier this kernel offers, and the exact numbers it posts.
+
+mod common;
+
+use std::{net::IpAddr, time::Duration};
+
+use common::{
+    Daemon,
+    netns::{self, NetPair},
+    privileged, scratch, serial,
+};
+use fake_datakit::{FakeDataKit, Point};
+
+/// The tier forced in these tests: the only one this host kernel (no kprobes, no trampolines)
+/// can run. The kernel-matrix tests run the same workloads at the other tiers.
+const TIER: &str = "tracepoint";
+
+fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon {
+    let apiserver = datakit.addr().to_string();
+    let mut args = vec![
+        "run",
+        "--datakit-apiserver",
+        &apiserver,
+        "--enabled",
+        "ebpf-net",
+        "--interval",
+        "2s",
+        "--min-interval",
+        "1s",
+        "--netflow-tier",
+        TIER,
+        "--hostname",
+        "nf-host",
+        "--log-level",
+        "debug",
+    ];
+    args.extend_from_slice(extra);
+    let mut daemon = Daemon::start(dir, &args);
+    daemon.wait_log(
+        "netflow: attached at the tracepoint tier",
+        Duration::from_secs(30),
+    );
+    daemon
+}
+
+fn netflow(points: &[Point]) -> Vec<&Point> {
+    points
+        .iter()
+        .filter(|p| p.measurement == "netflow")
+        .collect()
+}
+
+/// Sum of an integer field over the rows matching `pred` (rows of several intervals).
+fn sum(rows: &[&Point], field: &str, pred: impl Fn(&Point) -> bool) -> i64 {
+    rows.iter()
+        .filter(|p| pred(p))
+        .map(|p| p.int(field).unwrap_or(0))
+        .sum()
+}
+
+fn is_row(p: &Point, src: IpAddr, dst: IpAddr, direction: &str) -> bool {
+    p.tag("src_ip") == Some(&src.to_string())
+        && p.tag("dst_ip") == Some(&dst.to_string())
+        && p.tag("direction") == Some(direction)
+}
+
+/// Waits until the rows matching `pred` carry `field` totalling `want`; returns all rows.
+fn wait_total(
+    datakit: &FakeDataKit,
+    daemon: &Daemon,
+    field: &str,
+    want: i64,
+    pred: impl Fn(&Point) -> bool,
+) -> Vec<Point> {
+    let points = datakit.wait_for(Duration::from_secs(20), |pts| {
+        sum(&netflow(pts), field, &pred) >= want
+    });
+    let got = sum(&netflow(&points), field, &pred);
+    assert_eq!(
+        got,
+        want,
+        "{field}: rows {:#?}\nlog:\n{}",
+        netflow(&points)
+            .iter()
+            .filter(|p| pred(p))
+            .collect::<Vec<_>>(),
+        daemon.log_text()
+    );
+    points
+}
+
+/// This test process's name as netflow reports it: the basename of argv[0] (the kernel's comm
+/// is cut at 15 bytes, and cargo's test binaries have longer names).
+fn process_name() -> String {
+    let argv0 = std::env::args().next().unwrap();
+    argv0.rsplit('/').next().unwrap().to_string()
+}
+
+fn exact_bytes(family_v6: bool) {
+    let _serial = serial();
+    let dir = scratch(if family_v6 { "nf-tcp6" } else { "nf-tcp4" });
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create(if family_v6 { "tcp6" } else { "tcp4" });
+    let (client_ip, server_ip): (IpAddr, IpAddr) = if family_v6 {
+        (pair.a_v6.into(), pair.b_v6.into())
+    } else {
+        (pair.a_v4.into(), pair.b_v4.into())
+    };
+    let (request, response) = (1_234_567usize, 7_654_321usize);
+    let ex = netns::tcp_exchange(&pair, server_ip, 0, request, response);
+    let server_port = ex.server_local.port().to_string();
+
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming");
+    wait_total(&datakit, &daemon, "bytes_written", request as i64, client);
+    wait_total(&datakit, &daemon, "bytes_read", response as i64, client);
+    wait_total(&datakit, &daemon, "bytes_read", request as i64, server);
+    let points = wait_total(&datakit, &daemon, "bytes_written", response as i64, server);
+    let rows = netflow(&points);
+    for (pred, what) in [
+        (&client as &dyn Fn(&Point) -> bool, "client"),
+        (&server, "server"),
+    ] {
+        assert_eq!(sum(&rows, "tcp_established", pred), 1, "{what} established");
+        assert_eq!(sum(&rows, "tcp_closed", pred), 1, "{what} closed");
+    }
+    let pid = std::process::id().to_string();
+    let family = if family_v6 { "IPv6" } else { "IPv4" };
+    for row in rows.iter().filter(|p| client(p)) {
+        assert_eq!(row.tag("src_port"), Some("*"), "client port folds");
+        assert_eq!(row.tag("dst_port"), Some(server_port.as_str()));
+        assert_eq!(row.tag("pid"), Some(pid.as_str()));
+        assert_eq!(row.tag("process_name"), Some(process_name().as_str()));
+        assert_eq!(row.tag("family"), Some(family));
+        assert_eq!(row.tag("transport"), Some("tcp"));
+        assert_eq!(row.tag("conn_side"), Some("client"));
+        assert_eq!(row.tag("netns"), Some(pair.a.inode().to_string().as_str()));
+        assert_eq!(row.tag("host"), Some("nf-host"));
+        assert_eq!(row.tag("service"), Some("ebpf"));
+        assert_eq!(row.category, "network");
+        assert_eq!(row.input, "ebpf-net/netflow");
+    }
+    for row in rows.iter().filter(|p| server(p)) {
+        assert_eq!(row.tag("src_port"), Some(server_port.as_str()));
+        assert_eq!(
+            row.tag("dst_port"),
+            Some("*"),
+            "client port folds on the server side"
+        );
+        assert_eq!(row.tag("pid"), Some(pid.as_str()));
+        assert_eq!(row.tag("conn_side"), Some("server"));
+        assert_eq!(row.tag("server_ip"), Some(server_ip.to_string().as_str()));
+        assert_eq!(row.tag("netns"), Some(pair.b.inode().to_string().as_str()));
+    }
+    // RTT as the kernel computed it for that socket, in µs. TCP_INFO was read just before close;
+    // the FIN exchange may move the smoothed value slightly, hence the tolerance.
+    let closing_row = rows
+        .iter()
+        .find(|p| client(p) && p.int("tcp_closed") == Some(1))
+        .unwrap();
+    let rtt = closing_row.int("rtt").unwrap();
+    let kernel_rtt = ex.client_info.rtt_us as i64;
+    assert!(
+        (rtt - kernel_rtt).abs() <= kernel_rtt / 2 + 50,
+        "rtt {rtt} vs TCP_INFO {kernel_rtt}"
+    );
+    assert!(closing_row.int("rtt_var").is_some());
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn tcp_ipv4_exact_bytes_both_ends() {
+    if privileged() {
+        exact_bytes(false);
+    }
+}
+
+#[test]
+fn tcp_ipv6_exact_bytes_both_ends() {
+    if privileged() {
+        exact_bytes(true);
+    }
+}
+
+#[test]
+fn thousand_short_connections_in_one_interval() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-short");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--interval", "20s"]);
+    let pair = NetPair::create("short");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let ports = netns::short_connections(&pair, server_ip, 0, 1000, 100, 200);
+    assert_eq!(ports.len(), 1000);
+    // SIGTERM reports what the interval holds so far.
+    assert!(daemon.terminate().success());
+    let rows_owned = datakit.points();
+    let rows = netflow(&rows_owned);
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming");
+    assert_eq!(sum(&rows, "tcp_established", client), 1000, "{rows:#?}");
+    assert_eq!(sum(&rows, "tcp_closed", client), 1000);
+    assert_eq!(sum(&rows, "bytes_written", client), 100_000);
+    assert_eq!(sum(&rows, "bytes_read", client), 200_000);
+    assert_eq!(sum(&rows, "tcp_established", server), 1000);
+    assert_eq!(sum(&rows, "tcp_closed", server), 1000);
+    assert_eq!(sum(&rows, "bytes_read", server), 100_000);
+    assert_eq!(
+        rows.iter().filter(|p| client(p)).count(),
+        1,
+        "one folded client row"
+    );
+}
+
+#[test]
+fn long_lived_connection_reports_deltas_that_add_up() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-long");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("long");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let mut session = netns::tcp_session(&pair, server_ip, 0);
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    let mut sent = 0i64;
+    for step in 1..=3usize {
+        session.send_client(step * 100_000);
+        session.send_server(step * 10_000);
+        sent += (step * 100_000) as i64;
+        // Let an interval pass so this step lands in a row of its own.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    session.close();
+    wait_total(&datakit, &daemon, "tcp_closed", 1, client);
+    let points = wait_total(&datakit, &daemon, "bytes_written", sent, client);
+    let rows = netflow(&points);
+    let per_interval: Vec<i64> = rows
+        .iter()
+        .filter(|p| client(p))
+        .map(|p| p.int("bytes_written").unwrap())
+        .collect();
+    assert!(
+        per_interval.len() >= 3,
+        "deltas per interval: {per_interval:?}"
+    );
+    assert_eq!(sum(&rows, "bytes_read", client), 60_000);
+    assert_eq!(sum(&rows, "tcp_established", client), 1);
+    assert_eq!(sum(&rows, "tcp_closed", client), 1);
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn retransmits_match_the_kernel_count() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-retrans");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("loss");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let mut session = netns::tcp_session(&pair, server_ip, 0);
+    {
+        let _loss = netns::packet_loss(&pair.b, 0.1);
+        session.send_client(2_000_000);
+        session.send_server(1);
+    }
+    // Loss removed: let pending retransmission timers settle before reading the kernel's count.
+    std::thread::sleep(Duration::from_secs(2));
+    let (client_info, _) = session.info();
+    assert!(client_info.total_retrans > 0, "no retransmits induced");
+    session.close();
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    wait_total(&datakit, &daemon, "tcp_closed", 1, client);
+    let points = datakit.points();
+    let rows = netflow(&points);
+    assert_eq!(
+        sum(&rows, "retransmits", client),
+        client_info.total_retrans as i64
+    );
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn tiny_map_counts_drops_and_keeps_running() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-tiny");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-max-conns", "16"]);
+    let pair = NetPair::create("tiny");
+    let server_ip: IpAddr = pair.b_v4.into();
+    // 32 connections (64 sockets) open at once: at most 16 fit.
+    let mut sessions: Vec<_> = (0..32)
+        .map(|_| netns::tcp_session(&pair, server_ip, 0))
+        .collect();
+    for s in &mut sessions {
+        s.send_client(1000);
+    }
+    daemon.wait_log("map full", Duration::from_secs(10));
+    for s in sessions {
+        s.close();
+    }
+    // Still alive and reporting after the overflow.
+    let pair2 = NetPair::create("tiny2");
+    netns::tcp_exchange(&pair2, pair2.b_v4.into(), 0, 4321, 1234);
+    let client = |p: &Point| is_row(p, pair2.a_v4.into(), pair2.b_v4.into(), "outgoing");
+    wait_total(&datakit, &daemon, "bytes_written", 4321, client);
+    assert!(daemon.terminate().success());
+}
