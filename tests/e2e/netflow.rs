@@ -319,3 +319,35 @@ fn tiny_map_counts_drops_and_keeps_running() {
     wait_total(&datakit, &daemon, "bytes_written", 4321, client);
     assert!(daemon.terminate().success());
 }
+
+#[test]
+fn udp_connected_client_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("udp");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (_, server) =
+        netns::udp_connected_exchange(&pair, server_ip, &[100, 1000, 1472], &[10, 20, 30]);
+    let client = |p: &Point| {
+        is_row(p, client_ip, server_ip, "outgoing") && p.tag("transport") == Some("udp")
+    };
+    wait_total(&datakit, &daemon, "bytes_written", 2572, client);
+    let points = wait_total(&datakit, &daemon, "bytes_read", 60, client);
+    let rows = netflow(&points);
+    let row = rows.iter().find(|p| client(p)).unwrap();
+    assert_eq!(
+        row.tag("dst_port"),
+        Some(server.port().to_string().as_str())
+    );
+    assert_eq!(row.tag("src_port"), Some("*"));
+    assert!(
+        row.field("retransmits").is_none() && row.field("tcp_established").is_none(),
+        "UDP rows carry byte fields only"
+    );
+    assert!(daemon.terminate().success());
+}

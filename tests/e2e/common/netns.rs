@@ -375,3 +375,41 @@ impl Drop for PacketLoss<'_> {
         let _ = Command::new("ip").args(&all).output();
     }
 }
+
+/// UDP from a to b with a *connected* client socket: each datagram of `sizes` is answered with
+/// one of `replies` bytes by an unconnected server socket. Returns (client, server) addresses.
+pub fn udp_connected_exchange(
+    pair: &NetPair,
+    server_ip: IpAddr,
+    sizes: &[usize],
+    replies: &[usize],
+) -> (SocketAddr, SocketAddr) {
+    use std::net::UdpSocket;
+    assert_eq!(sizes.len(), replies.len());
+    let server = pair
+        .b
+        .run(move || UdpSocket::bind(SocketAddr::new(server_ip, 0)).expect("udp bind"));
+    server.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let client = pair.a.run(move || {
+        let unspecified: IpAddr = if server_ip.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let socket = UdpSocket::bind(SocketAddr::new(unspecified, 0)).expect("udp bind");
+        socket.connect(server_addr).expect("udp connect");
+        socket
+    });
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    for (&size, &reply) in sizes.iter().zip(replies) {
+        client.send(&vec![b'u'; size]).expect("udp send");
+        let (n, from) = server.recv_from(&mut buf).expect("udp recv at server");
+        assert_eq!(n, size);
+        server.send_to(&vec![b'r'; reply], from).expect("udp reply");
+        let n = client.recv(&mut buf).expect("udp recv at client");
+        assert_eq!(n, reply);
+    }
+    (client.local_addr().unwrap(), server_addr)
+}
