@@ -36,6 +36,9 @@ pub const CONN_F_ESTABLISHED: u32 = 1 << 2;
 /// The connection reached CLOSE.
 pub const CONN_F_CLOSED: u32 = 1 << 3;
 
+/// How often a busy connection's RTT and retransmits are re-read on send/receive (100 ms).
+pub const TCP_READ_EVERY_NS: u64 = 100_000_000;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -104,6 +107,9 @@ pub struct ConnInfo {
     pub start_ns: u64,
     /// `bpf_ktime_get_ns()` of the last update.
     pub last_ns: u64,
+    /// `bpf_ktime_get_ns()` when RTT and retransmits were last read from the socket: on the hot
+    /// path they are read at most every [`TCP_READ_EVERY_NS`] (and always at close).
+    pub tcp_read_ns: u64,
     /// Bytes sent and received (cumulative since tracking began).
     pub bytes_sent: u64,
     pub bytes_recv: u64,
@@ -116,7 +122,7 @@ pub struct ConnInfo {
     pub flags: u32,
 }
 
-crate::assert_size!(ConnInfo, 112);
+crate::assert_size!(ConnInfo, 120);
 
 /// The final state of a connection that reached CLOSE, sent through the ring buffer.
 #[repr(C)]
@@ -127,7 +133,7 @@ pub struct ClosedConn {
     pub info: ConnInfo,
 }
 
-crate::assert_size!(ClosedConn, 120);
+crate::assert_size!(ClosedConn, 128);
 
 #[cfg(feature = "user")]
 mod user {

@@ -59,7 +59,13 @@ fn sum(rows: &[&Point], field: &str, pred: impl Fn(&Point) -> bool) -> i64 {
         .sum()
 }
 
-fn is_row(p: &Point, src: IpAddr, dst: IpAddr, direction: &str) -> bool {
+/// A row of one connection end: its addresses, direction, and network namespace (the namespace
+/// keeps other traffic on the machine, such as a concurrent test, out of the sums).
+fn is_row(p: &Point, src: IpAddr, dst: IpAddr, direction: &str, netns: u64) -> bool {
+    p.tag("netns") == Some(netns.to_string().as_str()) && is_row_any_ns(p, src, dst, direction)
+}
+
+fn is_row_any_ns(p: &Point, src: IpAddr, dst: IpAddr, direction: &str) -> bool {
     p.tag("src_ip") == Some(&src.to_string())
         && p.tag("dst_ip") == Some(&dst.to_string())
         && p.tag("direction") == Some(direction)
@@ -108,12 +114,13 @@ fn exact_bytes(family_v6: bool) {
     } else {
         (pair.a_v4.into(), pair.b_v4.into())
     };
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let (request, response) = (1_234_567usize, 7_654_321usize);
     let ex = netns::tcp_exchange(&pair, server_ip, 0, request, response);
     let server_port = ex.server_local.port().to_string();
 
-    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
-    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming");
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming", server_ns);
     wait_total(&datakit, &daemon, "bytes_written", request as i64, client);
     wait_total(&datakit, &daemon, "bytes_read", response as i64, client);
     wait_total(&datakit, &daemon, "bytes_read", request as i64, server);
@@ -195,14 +202,15 @@ fn thousand_short_connections_in_one_interval() {
     let mut daemon = start(&dir, &datakit, &["--interval", "20s"]);
     let pair = NetPair::create("short");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let ports = netns::short_connections(&pair, server_ip, 0, 1000, 100, 200);
     assert_eq!(ports.len(), 1000);
     // SIGTERM reports what the interval holds so far.
     assert!(daemon.terminate().success());
     let rows_owned = datakit.points();
     let rows = netflow(&rows_owned);
-    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
-    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming");
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming", server_ns);
     assert_eq!(sum(&rows, "tcp_established", client), 1000, "{rows:#?}");
     assert_eq!(sum(&rows, "tcp_closed", client), 1000);
     assert_eq!(sum(&rows, "bytes_written", client), 100_000);
@@ -228,8 +236,9 @@ fn long_lived_connection_reports_deltas_that_add_up() {
     let mut daemon = start(&dir, &datakit, &[]);
     let pair = NetPair::create("long");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let client_ns = pair.a.inode();
     let mut session = netns::tcp_session(&pair, server_ip, 0);
-    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
     let mut sent = 0i64;
     for step in 1..=3usize {
         session.send_client(step * 100_000);
@@ -268,6 +277,7 @@ fn retransmits_match_the_kernel_count() {
     let mut daemon = start(&dir, &datakit, &[]);
     let pair = NetPair::create("loss");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let client_ns = pair.a.inode();
     let mut session = netns::tcp_session(&pair, server_ip, 0);
     {
         let _loss = netns::packet_loss(&pair.b, 0.1);
@@ -279,7 +289,7 @@ fn retransmits_match_the_kernel_count() {
     let (client_info, _) = session.info();
     assert!(client_info.total_retrans > 0, "no retransmits induced");
     session.close();
-    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing");
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
     wait_total(&datakit, &daemon, "tcp_closed", 1, client);
     let points = datakit.points();
     let rows = netflow(&points);
@@ -315,7 +325,15 @@ fn tiny_map_counts_drops_and_keeps_running() {
     // Still alive and reporting after the overflow.
     let pair2 = NetPair::create("tiny2");
     netns::tcp_exchange(&pair2, pair2.b_v4.into(), 0, 4321, 1234);
-    let client = |p: &Point| is_row(p, pair2.a_v4.into(), pair2.b_v4.into(), "outgoing");
+    let client = |p: &Point| {
+        is_row(
+            p,
+            pair2.a_v4.into(),
+            pair2.b_v4.into(),
+            "outgoing",
+            pair2.a.inode(),
+        )
+    };
     wait_total(&datakit, &daemon, "bytes_written", 4321, client);
     assert!(daemon.terminate().success());
 }
@@ -331,10 +349,11 @@ fn udp_connected_client_exact_bytes() {
     let mut daemon = start(&dir, &datakit, &[]);
     let pair = NetPair::create("udp");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let client_ns = pair.a.inode();
     let (_, server) =
         netns::udp_connected_exchange(&pair, server_ip, &[100, 1000, 1472], &[10, 20, 30]);
     let client = |p: &Point| {
-        is_row(p, client_ip, server_ip, "outgoing") && p.tag("transport") == Some("udp")
+        is_row(p, client_ip, server_ip, "outgoing", client_ns) && p.tag("transport") == Some("udp")
     };
     wait_total(&datakit, &daemon, "bytes_written", 2572, client);
     let points = wait_total(&datakit, &daemon, "bytes_read", 60, client);

@@ -76,6 +76,9 @@ enum Cmd {
     },
     /// fmt check and clippy, without running the tests.
     Lint,
+    /// Benchmarks (release build, root): netflow's cost on a request/response load, kernel time
+    /// per program run, the daemon's CPU and memory. Prints the figures and the targets.
+    Bench,
     /// Build the daemon in release and run it (default: `--config conf/ebpf.conf.sample --output -`,
     /// line protocol to stdout). Runs from the workspace root; must be root to load eBPF programs.
     Run {
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
             test_args,
         } => test(quick, &packages, &test_args),
         Cmd::Lint => lint(),
+        Cmd::Bench => bootstrap(true).and_then(|()| bench()),
         Cmd::Run { args } => run_daemon(args),
     };
     match result {
@@ -506,6 +510,24 @@ fn fmt_check() -> Result<()> {
 fn clippy() -> Result<()> {
     let mut cmd = cargo()?;
     cmd.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    run(cmd)
+}
+
+fn bench() -> Result<()> {
+    // An ignored test binary: it reuses the end-to-end harness (namespaces, daemon runner).
+    let mut cmd = cargo()?;
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "datakit-ebpf",
+        "--test",
+        "bench",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     run(cmd)
 }
 

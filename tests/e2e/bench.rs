@@ -1,0 +1,254 @@
+//! Benchmarks, not tests (`cargo xtask bench`; every case is #[ignore]d so `cargo test` skips
+//! them). They print figures against the targets instead of asserting timings.
+//!
+//! - Throughput: a request/response load between two network namespaces, with the daemon off
+//!   and with netflow on; the ratio (target ≥ 0.97).
+//! - Kernel cost: average ns per run of each netflow program (`kernel.bpf_stats_enabled`,
+//!   run_time_ns / run_cnt; target ≤ 150 ns on the hot path).
+//! - Daemon: CPU seconds and peak RSS while 10,000 connections are live (target ≤ 40 MB).
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Daemon, netns::NetPair, scratch};
+
+const CLIENTS: usize = 4;
+const MESSAGE: usize = 64;
+const RUN: Duration = Duration::from_secs(5);
+
+fn daemon_args() -> Vec<&'static str> {
+    vec![
+        "run",
+        "--output",
+        "-",
+        "--enabled",
+        "ebpf-net",
+        "--interval",
+        "5s",
+        "--min-interval",
+        "1s",
+        "--netflow-tier",
+        "tracepoint",
+    ]
+}
+
+/// Transactions per second of `CLIENTS` connections doing 64-byte ping-pong for `RUN`.
+fn request_response(pair: &NetPair) -> f64 {
+    let server_ip: IpAddr = pair.b_v4.into();
+    let listener = pair
+        .b
+        .run(move || TcpListener::bind(SocketAddr::new(server_ip, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let mut handles = Vec::new();
+        for _ in 0..CLIENTS {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            handles.push(thread::spawn(move || {
+                let mut buf = [0u8; MESSAGE];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            pair.a.spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buf = [7u8; MESSAGE];
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf).unwrap();
+                    s.read_exact(&mut buf).unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    thread::sleep(RUN);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    server.join().unwrap();
+    rate
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bpftool() -> &'static str {
+    ["/usr/sbin/bpftool", "/usr/bin/bpftool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("bpftool")
+}
+
+/// (name, run_time_ns, run_cnt) of our loaded programs.
+fn program_stats(prefix: &str) -> Vec<(String, u64, u64)> {
+    let out = Command::new(bpftool())
+        .args(["prog", "show", "--json"])
+        .output()
+        .unwrap();
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+                p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn netflow_overhead() {
+    assert!(common::privileged(), "benchmarks need root");
+    let dir = scratch("bench");
+    let pair = NetPair::create("bench");
+    let sysctl = |v: &str| {
+        let _ = Command::new("sysctl")
+            .args(["-q", &format!("kernel.bpf_stats_enabled={v}")])
+            .status();
+    };
+
+    // Alternate off/on runs so drift on a shared machine hits both alike.
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let kernel;
+    for _ in 0..3 {
+        off.push(request_response(&pair));
+        let mut daemon = Daemon::start(&dir, &daemon_args());
+        daemon.wait_log("netflow: attached", Duration::from_secs(30));
+        on.push(request_response(&pair));
+        assert!(daemon.terminate().success());
+    }
+    // Kernel time in a run of its own: the statistics themselves cost time per run.
+    {
+        let mut daemon = Daemon::start(&dir, &daemon_args());
+        daemon.wait_log("netflow: attached", Duration::from_secs(30));
+        sysctl("1");
+        request_response(&pair);
+        kernel = program_stats("netflow_");
+        sysctl("0");
+        assert!(daemon.terminate().success());
+    }
+    let (off, on) = (median(off), median(on));
+    println!(
+        "\n== netflow overhead ({CLIENTS} connections, {MESSAGE}-byte request/response over veth)"
+    );
+    println!(
+        "throughput off: {off:.0} req/s; on: {on:.0} req/s; ratio {:.3} (target >= 0.97)",
+        on / off
+    );
+    println!("kernel time per program run (target <= 150 ns on the hot path):");
+    for (name, ns, count) in &kernel {
+        if *count > 0 {
+            println!(
+                "  {name:<20} {:>6.0} ns/run over {count} runs",
+                *ns as f64 / *count as f64
+            );
+        }
+    }
+
+    // 10,000 live connections (20,000 tracked sockets: both ends are on this host). The server
+    // ends live in another process: a process may hold only 20,000 descriptors here.
+    let mut daemon = Daemon::start(&dir, &daemon_args());
+    daemon.wait_log("netflow: attached", Duration::from_secs(30));
+    let pid = daemon.pid();
+    let cpu_before = cpu_seconds(pid);
+    let server_ip = pair.b_v4.to_string();
+    let script = format!(
+        "import socket,sys,time\ns=socket.socket()\ns.bind(('{server_ip}',7777))\ns.listen(4096)\n\
+         print('ready',flush=True)\nc=[]\nwhile len(c)<10000:\n  c.append(s.accept()[0])\n\
+         print('all',flush=True)\ntime.sleep(120)\n"
+    );
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pair.b.name, "python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    server
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    let addr = SocketAddr::new(pair.b_v4.into(), 7777);
+    let clients = pair.a.run(move || {
+        (0..10_000)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"x").unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    // Two intervals with every connection live.
+    thread::sleep(Duration::from_secs(11));
+    let rss_peak_kb = proc_status(pid, "VmHWM:");
+    let rss_kb = proc_status(pid, "VmRSS:");
+    let cpu = cpu_seconds(pid) - cpu_before;
+    drop(clients);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(daemon.terminate().success());
+    println!("== daemon with 10,000 live connections (20,000 sockets tracked)");
+    println!(
+        "peak RSS {:.1} MB, RSS {:.1} MB (target <= 40 MB); CPU {cpu:.2} s over the setup and two intervals",
+        rss_peak_kb as f64 / 1024.0,
+        rss_kb as f64 / 1024.0
+    );
+}
