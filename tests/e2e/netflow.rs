@@ -370,3 +370,49 @@ fn udp_connected_client_exact_bytes() {
     );
     assert!(daemon.terminate().success());
 }
+
+/// Kernels without /sys/kernel/btf/vmlinux: the same BTF given as a file works the same.
+#[test]
+fn external_btf_file_is_used() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-btf");
+    let btf = dir.join("vmlinux.btf");
+    std::fs::copy("/sys/kernel/btf/vmlinux", &btf).unwrap();
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--btf", btf.to_str().unwrap()]);
+    let pair = NetPair::create("btf");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let client_ns = pair.a.inode();
+    netns::tcp_exchange(&pair, server_ip, 0, 11_111, 22_222);
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    wait_total(&datakit, &daemon, "bytes_written", 11_111, client);
+    wait_total(&datakit, &daemon, "bytes_read", 22_222, client);
+    assert!(daemon.terminate().success());
+
+    let (code, stdout, _) = {
+        let out = std::process::Command::new(common::DAEMON)
+            .args([
+                "check",
+                "--enabled",
+                "ebpf-net",
+                "--btf",
+                "/nonexistent/vmlinux",
+            ])
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (),
+        )
+    };
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("/nonexistent/vmlinux"),
+        "check names the missing file:\n{stdout}"
+    );
+}
