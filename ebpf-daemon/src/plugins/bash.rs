@@ -20,13 +20,13 @@ use aya::{
     programs::{UProbe, uprobe::UProbeScope},
 };
 use ebpf_common::bash::{
-    BASH_EVENTS_MAP, BASH_FLAG_TRUNCATED, BASH_PROGRAM, BASH_STAT_COUNT, BASH_STAT_READ_FAILED,
+    BASH_EVENTS_MAP, BASH_FLAG_TRUNCATED, BASH_PROGRAM, BASH_STAT_READ_FAILED,
     BASH_STAT_RINGBUF_FULL, BASH_STATS_MAP, BashEvent,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
-use super::{Availability, GlobalTags, PluginContext};
+use super::{Availability, GlobalTags, PluginContext, losses::KernelLosses};
 use crate::{
     clock,
     config::Config,
@@ -45,6 +45,15 @@ pub const DESTINATION: Destination = Destination {
 
 /// Lines waiting beyond this many are sent at once instead of at the next interval tick.
 const FLUSH_AT_LINES: usize = 128;
+
+/// What the kernel-side counters mean.
+const LOSSES: &[(u32, &str)] = &[
+    (BASH_STAT_RINGBUF_FULL, "lines lost: ring buffer full"),
+    (
+        BASH_STAT_READ_FAILED,
+        "lines lost: unreadable process memory",
+    ),
+];
 
 /// Symbols tried in order; see the module comment.
 const SYMBOLS: [&str; 2] = ["readline_internal_teardown", "readline"];
@@ -92,7 +101,7 @@ fn host_path(host_root: &Path, path: &Path) -> PathBuf {
 pub struct BashCollector {
     _ebpf: Ebpf,
     events: AsyncFd<RingBuf<MapData>>,
-    stats: PerCpuArray<MapData, u64>,
+    losses: KernelLosses,
 }
 
 impl BashCollector {
@@ -154,13 +163,14 @@ impl BashCollector {
 
         let events = RingBuf::try_from(ebpf.take_map(BASH_EVENTS_MAP).context("events map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(BASH_STATS_MAP).context("stats map")?)?;
+        let losses = KernelLosses::new("ebpf-bash", stats, LOSSES);
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
         let events = unsafe { AsyncFd::register(events) }
             .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
         Ok(Self {
             _ebpf: ebpf,
             events,
-            stats,
+            losses,
         })
     }
 
@@ -170,7 +180,6 @@ impl BashCollector {
         let mut pending: Vec<Point> = Vec::new();
         let mut tick = tokio::time::interval(ctx.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lost_reported = [0u64; BASH_STAT_COUNT as usize];
         loop {
             tokio::select! {
                 ready = self.events.readable_mut() => {
@@ -191,7 +200,7 @@ impl BashCollector {
                     if !pending.is_empty() {
                         ctx.sender.submit(DESTINATION, std::mem::take(&mut pending));
                     }
-                    self.report_losses(&mut lost_reported);
+                    self.losses.report();
                 }
                 _ = ctx.shutdown.changed() => break,
             }
@@ -205,30 +214,8 @@ impl BashCollector {
         if !pending.is_empty() {
             ctx.sender.submit(DESTINATION, pending);
         }
-        self.report_losses(&mut lost_reported);
+        self.losses.report();
         Ok(())
-    }
-
-    /// Logs kernel-side losses that happened since the last report.
-    fn report_losses(&self, reported: &mut [u64; BASH_STAT_COUNT as usize]) {
-        for (index, what) in [
-            (BASH_STAT_RINGBUF_FULL, "lines lost: ring buffer full"),
-            (
-                BASH_STAT_READ_FAILED,
-                "lines lost: unreadable process memory",
-            ),
-        ] {
-            let total: u64 = self
-                .stats
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            let slot = &mut reported[index as usize];
-            if total > *slot {
-                warn!("ebpf-bash: {} {what} (total {total})", total - *slot);
-                *slot = total;
-            }
-        }
     }
 }
 

@@ -13,9 +13,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use ebpf_common::netflow::{
-    CLOSED_MAP, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_COUNT,
-    NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL,
-    STATS_MAP,
+    CLOSED_MAP, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
+    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -27,6 +26,7 @@ use crate::{
     config::{Config, NetflowTier},
     kernel::KernelFeatures,
     plugins::PluginContext,
+    plugins::losses::KernelLosses,
     sender::{Category, Destination},
 };
 
@@ -41,6 +41,22 @@ pub const DESTINATION: Destination = Destination {
 pub fn object_is_empty() -> bool {
     OBJECT.is_empty()
 }
+
+/// What the kernel-side counters mean.
+const LOSSES: &[(u32, &str)] = &[
+    (
+        NETFLOW_STAT_MAP_FULL,
+        "connections not tracked: map full (raise --netflow-max-conns)",
+    ),
+    (
+        NETFLOW_STAT_RINGBUF_FULL,
+        "closed connections deferred: ring buffer full",
+    ),
+    (
+        NETFLOW_STAT_READ_FAILED,
+        "events skipped: kernel memory read failed",
+    ),
+];
 
 /// (program, BTF tracepoint) pairs of the tracepoint tier.
 const TRACEPOINT_PROGRAMS: [(&str, &str); 4] = [
@@ -146,7 +162,7 @@ pub struct NetflowCollector {
     _ebpf: Ebpf,
     conns: HashMap<MapData, u64, ConnInfo>,
     closed: AsyncFd<RingBuf<MapData>>,
-    stats: PerCpuArray<MapData, u64>,
+    losses: KernelLosses,
     tracker: Tracker,
     resolver: ProcResolver,
 }
@@ -213,7 +229,7 @@ impl NetflowCollector {
             _ebpf: ebpf,
             conns,
             closed,
-            stats,
+            losses: KernelLosses::new("netflow", stats, LOSSES),
             tracker: Tracker::new(options),
             resolver: ProcResolver::new(config.host_proc.clone()),
         })
@@ -225,7 +241,6 @@ impl NetflowCollector {
         let mut tick = tokio::time::interval(ctx.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate: the first report is one interval in
-        let mut lost_reported = [0u64; NETFLOW_STAT_COUNT as usize];
         loop {
             tokio::select! {
                 ready = self.closed.readable_mut() => {
@@ -236,7 +251,7 @@ impl NetflowCollector {
                 _ = tick.tick() => {
                     drain(self.closed.get_mut(), &mut closed);
                     self.report(&ctx, &mut closed);
-                    self.report_losses(&mut lost_reported);
+                    self.losses.report();
                 }
                 _ = ctx.shutdown.changed() => break,
             }
@@ -244,7 +259,7 @@ impl NetflowCollector {
         // What happened since the last interval is still reported.
         drain(self.closed.get_mut(), &mut closed);
         self.report(&ctx, &mut closed);
-        self.report_losses(&mut lost_reported);
+        self.losses.report();
         Ok(())
     }
 
@@ -278,35 +293,6 @@ impl NetflowCollector {
         );
         if !output.points.is_empty() {
             ctx.sender.submit(DESTINATION, output.points);
-        }
-    }
-
-    /// Logs kernel-side losses since the last report.
-    fn report_losses(&self, reported: &mut [u64; NETFLOW_STAT_COUNT as usize]) {
-        for (index, what) in [
-            (
-                NETFLOW_STAT_MAP_FULL,
-                "connections not tracked: map full (raise --netflow-max-conns)",
-            ),
-            (
-                NETFLOW_STAT_RINGBUF_FULL,
-                "closed connections deferred: ring buffer full",
-            ),
-            (
-                NETFLOW_STAT_READ_FAILED,
-                "events skipped: kernel memory read failed",
-            ),
-        ] {
-            let total: u64 = self
-                .stats
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            let slot = &mut reported[index as usize];
-            if total > *slot {
-                warn!("netflow: {} {what} (total {total})", total - *slot);
-                *slot = total;
-            }
         }
     }
 }
