@@ -7,6 +7,9 @@
 
 /// Name of the connection map (`HashMap<u64 socket address, ConnInfo>`).
 pub const CONNS_MAP: &str = "NETFLOW_CONNS";
+/// Name of the map of unconnected UDP flows (`HashMap<UdpFlowKey, ConnInfo>`): a socket that
+/// talks to several peers has one entry per peer.
+pub const UDP_FLOWS_MAP: &str = "NETFLOW_UDP";
 /// Name of the ring buffer carrying [`ClosedConn`] records.
 pub const CLOSED_MAP: &str = "NETFLOW_CLOSED";
 /// Name of the per-CPU counter array (`NETFLOW_STAT_*` indices).
@@ -135,8 +138,23 @@ pub struct ClosedConn {
 
 crate::assert_size!(ClosedConn, 128);
 
+/// Key of an unconnected UDP flow: the socket and the peer of the datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    pub sock: u64,
+    /// Peer address (IPv4 stored IPv4-mapped).
+    pub peer: [u8; 16],
+    /// Peer port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+crate::assert_size!(UdpFlowKey, 32);
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::UdpFlowKey {}
     // SAFETY: plain repr(C) data without padding holes.
     unsafe impl aya::Pod for super::NetOffsets {}
     unsafe impl aya::Pod for super::ConnInfo {}

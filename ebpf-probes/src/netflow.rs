@@ -7,6 +7,9 @@
 //!   SYN_RECV→ESTABLISHED is accepted), connections established while we watch, and CLOSE, where
 //!   the final counters go to userspace through a ring buffer and the map entry is freed.
 //! - `tcp_retransmit_skb`: refreshes the retransmit counter of a connection that is not sending.
+//! - `syscalls:sys_{enter,exit}_{sendto,sendmsg,recvfrom,recvmsg}`: the peer address of
+//!   datagrams on unconnected UDP sockets (which hold no peer), remembered per thread for the
+//!   duration of the call and used to count bytes per (socket, peer) flow.
 //!
 //! Counters live in a hash map keyed by the socket's address; userspace reads it each interval.
 //! Nothing is sent to userspace per packet or per syscall.
@@ -25,18 +28,19 @@ mod probe {
 
     use aya_ebpf::{
         bindings::BPF_NOEXIST,
+        helpers::bpf_probe_read_user,
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         },
-        macros::{btf_tracepoint, map},
-        maps::{HashMap, PerCpuArray, RingBuf},
-        programs::BtfTracePointContext,
+        macros::{btf_tracepoint, map, tracepoint},
+        maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+        programs::{BtfTracePointContext, TracePointContext},
     };
     use ebpf_common::netflow::{
         AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
         ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
         NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets,
-        TCP_READ_EVERY_NS,
+        TCP_READ_EVERY_NS, UdpFlowKey,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -61,6 +65,38 @@ mod probe {
     /// Resized by the daemon (`--netflow-max-conns`).
     #[map]
     static NETFLOW_CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+    /// Unconnected UDP flows, one per (socket, peer). Resized with NETFLOW_CONNS.
+    #[map]
+    static NETFLOW_UDP: HashMap<UdpFlowKey, ConnInfo> =
+        HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+    /// The peer a thread is sending to (sendto/sendmsg with an address), until its send is seen.
+    #[map]
+    static UDP_SEND_PEER: LruHashMap<u64, Peer> = LruHashMap::with_max_entries(16_384, 0);
+
+    /// A thread's pending recvfrom/recvmsg: where the peer address will be written, and what
+    /// the receive tracepoint saw, until the syscall returns.
+    #[map]
+    static UDP_RECV: LruHashMap<u64, RecvCall> = LruHashMap::with_max_entries(16_384, 0);
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Peer {
+        addr: [u8; 16],
+        port: u16,
+        _pad: [u8; 6],
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct RecvCall {
+        /// recvfrom: the `struct sockaddr *`; recvmsg: the `struct user_msghdr *`.
+        user_ptr: u64,
+        is_msghdr: u64,
+        sock: u64,
+        bytes: u64,
+    }
 
     /// Closed connections; 256 KiB holds about 2,000 records between two reads.
     #[map]
@@ -166,8 +202,11 @@ mod probe {
                 let Ok(Some(new)) = describe(sk) else {
                     return;
                 };
-                // Connected UDP sockets only: an unconnected one has no peer in the socket.
+                // An unconnected UDP socket has no peer: the syscall tracepoints know it.
                 if new.dport == 0 {
+                    if new.protocol == IPPROTO_UDP {
+                        unconnected_udp(key, &new, sent, recv);
+                    }
                     return;
                 }
                 if !track(key, &new) {
@@ -268,6 +307,161 @@ mod probe {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A datagram on an unconnected UDP socket. Sends are counted now, with the peer recorded at
+    /// syscall entry; receives when the syscall returns, once the peer address is written.
+    fn unconnected_udp(sock: u64, template: &ConnInfo, sent: u64, recv: u64) {
+        let thread = bpf_get_current_pid_tgid();
+        if sent > 0 {
+            // SAFETY: a copy out of the map value.
+            if let Some(peer) = unsafe { UDP_SEND_PEER.get(&thread) }.copied() {
+                let _ = UDP_SEND_PEER.remove(&thread);
+                udp_flow(sock, template, &peer, sent, 0);
+            }
+        } else if let Some(call) = UDP_RECV.get_ptr_mut(&thread) {
+            // SAFETY: this thread's own entry.
+            unsafe {
+                (*call).sock = sock;
+                (*call).bytes = recv;
+            }
+        }
+    }
+
+    /// Adds to the (socket, peer) flow, creating it: a flow begun by a receive is incoming.
+    fn udp_flow(sock: u64, template: &ConnInfo, peer: &Peer, sent: u64, recv: u64) {
+        let key = UdpFlowKey {
+            sock,
+            peer: peer.addr,
+            port: peer.port,
+            _pad: [0; 6],
+        };
+        if let Some(info) = NETFLOW_UDP.get_ptr_mut(&key) {
+            // SAFETY: map value of this flow.
+            unsafe {
+                add(&mut (*info).bytes_sent, sent);
+                add(&mut (*info).bytes_recv, recv);
+                (*info).last_ns = bpf_ktime_get_ns();
+            }
+            return;
+        }
+        let mut info = *template;
+        info.daddr = peer.addr;
+        info.dport = peer.port;
+        info.bytes_sent = sent;
+        info.bytes_recv = recv;
+        info.flags = if recv > 0 {
+            CONN_F_INCOMING
+        } else {
+            CONN_F_OUTGOING
+        };
+        set_process(&mut info);
+        match NETFLOW_UDP.insert(&key, &info, BPF_NOEXIST as u64) {
+            Ok(()) | Err(-17) => {}
+            Err(_) => count(NETFLOW_STAT_MAP_FULL),
+        }
+    }
+
+    /// A user-space `struct sockaddr` (AF_INET or AF_INET6) as a peer.
+    fn read_sockaddr(ptr: u64) -> Option<Peer> {
+        if ptr == 0 {
+            return None;
+        }
+        let base = ptr as *const u8;
+        // SAFETY: checked user-memory reads.
+        let family: u16 = unsafe { bpf_probe_read_user(base as *const u16) }.ok()?;
+        let port: u16 = unsafe { bpf_probe_read_user(base.wrapping_add(2) as *const u16) }.ok()?;
+        let addr = match family {
+            AF_INET => v4_mapped(
+                unsafe { bpf_probe_read_user(base.wrapping_add(4) as *const [u8; 4]) }.ok()?,
+            ),
+            AF_INET6 => {
+                unsafe { bpf_probe_read_user(base.wrapping_add(8) as *const [u8; 16]) }.ok()?
+            }
+            _ => return None,
+        };
+        Some(Peer {
+            addr,
+            port: u16::from_be(port),
+            _pad: [0; 6],
+        })
+    }
+
+    /// Syscall tracepoint argument `n` (they follow the 8-byte header and `__syscall_nr`).
+    fn syscall_arg(ctx: &TracePointContext, n: usize) -> u64 {
+        // SAFETY: syscall tracepoints carry six 8-byte arguments from offset 16.
+        unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+    }
+
+    #[tracepoint]
+    pub fn netflow_sendto(ctx: TracePointContext) -> u32 {
+        if let Some(peer) = read_sockaddr(syscall_arg(&ctx, 4)) {
+            let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &peer, 0);
+        }
+        0
+    }
+
+    #[tracepoint]
+    pub fn netflow_sendmsg(ctx: TracePointContext) -> u32 {
+        let msg = syscall_arg(&ctx, 1);
+        // SAFETY: checked user-memory read of user_msghdr.msg_name (its first field).
+        let name = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
+        if let Some(peer) = read_sockaddr(name) {
+            let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &peer, 0);
+        }
+        0
+    }
+
+    fn recv_enter(user_ptr: u64, is_msghdr: u64) {
+        if user_ptr != 0 {
+            let call = RecvCall {
+                user_ptr,
+                is_msghdr,
+                sock: 0,
+                bytes: 0,
+            };
+            let _ = UDP_RECV.insert(&bpf_get_current_pid_tgid(), &call, 0);
+        }
+    }
+
+    #[tracepoint]
+    pub fn netflow_recvfrom(ctx: TracePointContext) -> u32 {
+        recv_enter(syscall_arg(&ctx, 4), 0);
+        0
+    }
+
+    #[tracepoint]
+    pub fn netflow_recvmsg(ctx: TracePointContext) -> u32 {
+        recv_enter(syscall_arg(&ctx, 1), 1);
+        0
+    }
+
+    #[tracepoint]
+    pub fn netflow_recv_exit(ctx: TracePointContext) -> u32 {
+        let thread = bpf_get_current_pid_tgid();
+        // SAFETY: a copy out of the map value.
+        let Some(call) = (unsafe { UDP_RECV.get(&thread) }).copied() else {
+            return 0;
+        };
+        let _ = UDP_RECV.remove(&thread);
+        // `ret` of a syscall exit tracepoint is at offset 16.
+        let ret = syscall_arg(&ctx, 0) as i64;
+        if ret <= 0 || call.sock == 0 {
+            return 0;
+        }
+        let name = if call.is_msghdr != 0 {
+            // SAFETY: checked user-memory read of user_msghdr.msg_name.
+            unsafe { bpf_probe_read_user(call.user_ptr as *const u64) }.unwrap_or(0)
+        } else {
+            call.user_ptr
+        };
+        let Some(peer) = read_sockaddr(name) else {
+            return 0;
+        };
+        if let Ok(Some(template)) = describe(call.sock as *const u8) {
+            udp_flow(call.sock, &template, &peer, 0, call.bytes);
+        }
+        0
     }
 
     /// Inserts a new entry; counts a full map.

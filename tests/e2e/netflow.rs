@@ -416,3 +416,47 @@ fn external_btf_file_is_used() {
         "check names the missing file:\n{stdout}"
     );
 }
+
+/// Unconnected UDP sockets on both ends (sendto/recvfrom): each end's flow is counted, the
+/// server's as incoming.
+#[test]
+fn udp_unconnected_both_ends_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp2");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("udp2");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let (client_addr, server_addr) = netns::udp_exchange(
+        &pair,
+        server_ip,
+        0,
+        &[100, 1000, 1472, 7],
+        &[10, 20, 30, 40],
+    );
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
+    wait_total(&datakit, &daemon, "bytes_written", 2579, client);
+    wait_total(&datakit, &daemon, "bytes_read", 100, client);
+    wait_total(&datakit, &daemon, "bytes_read", 2579, server);
+    let points = wait_total(&datakit, &daemon, "bytes_written", 100, server);
+    let rows = netflow(&points);
+    let s = rows.iter().find(|p| server(p)).unwrap();
+    assert_eq!(
+        s.tag("src_port"),
+        Some(server_addr.port().to_string().as_str())
+    );
+    assert_eq!(s.tag("dst_port"), Some("*"));
+    let c = rows.iter().find(|p| client(p)).unwrap();
+    assert_eq!(
+        c.tag("dst_port"),
+        Some(server_addr.port().to_string().as_str())
+    );
+    assert_ne!(client_addr.port(), 0);
+    assert!(daemon.terminate().success());
+}

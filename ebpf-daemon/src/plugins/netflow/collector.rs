@@ -10,11 +10,12 @@ use anyhow::{Context as _, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLOSED_MAP, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
-    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP,
+    CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
+    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, UDP_FLOWS_MAP,
+    UdpFlowKey,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -64,6 +65,18 @@ const TRACEPOINT_PROGRAMS: [(&str, &str); 4] = [
     ("netflow_recv", "sock_recv_length"),
     ("netflow_state", "inet_sock_set_state"),
     ("netflow_retransmit", "tcp_retransmit_skb"),
+];
+
+/// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
+const SYSCALL_PROGRAMS: [(&str, &[&str]); 5] = [
+    ("netflow_sendto", &["sys_enter_sendto"]),
+    ("netflow_sendmsg", &["sys_enter_sendmsg"]),
+    ("netflow_recvfrom", &["sys_enter_recvfrom"]),
+    ("netflow_recvmsg", &["sys_enter_recvmsg"]),
+    (
+        "netflow_recv_exit",
+        &["sys_exit_recvfrom", "sys_exit_recvmsg"],
+    ),
 ];
 
 /// Live connections idle this long are dropped from the kernel map (UDP sockets have no close
@@ -161,6 +174,7 @@ fn tier_support(
 pub struct NetflowCollector {
     _ebpf: Ebpf,
     conns: HashMap<MapData, u64, ConnInfo>,
+    udp_flows: HashMap<MapData, UdpFlowKey, ConnInfo>,
     closed: AsyncFd<RingBuf<MapData>>,
     losses: KernelLosses,
     tracker: Tracker,
@@ -194,6 +208,7 @@ impl NetflowCollector {
             .btf(Some(&btf))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .map_max_entries(CONNS_MAP, config.netflow_max_conns)
+            .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
             .load(OBJECT)
             .context("loading the netflow object")?;
         for (name, tracepoint) in TRACEPOINT_PROGRAMS {
@@ -208,12 +223,25 @@ impl NetflowCollector {
                 .attach()
                 .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
         }
+        for (name, tracepoints) in SYSCALL_PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            for tracepoint in tracepoints {
+                program
+                    .attach("syscalls", tracepoint)
+                    .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
+            }
+        }
         info!(
             "netflow: attached at the {} tier ({} connections max)",
             tier.tier.name(),
             config.netflow_max_conns
         );
         let conns = HashMap::try_from(ebpf.take_map(CONNS_MAP).context("connection map")?)?;
+        let udp_flows = HashMap::try_from(ebpf.take_map(UDP_FLOWS_MAP).context("UDP flow map")?)?;
         let closed = RingBuf::try_from(ebpf.take_map(CLOSED_MAP).context("closed ring buffer")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
@@ -228,6 +256,7 @@ impl NetflowCollector {
         Ok(Self {
             _ebpf: ebpf,
             conns,
+            udp_flows,
             closed,
             losses: KernelLosses::new("netflow", stats, LOSSES),
             tracker: Tracker::new(options),
@@ -264,12 +293,25 @@ impl NetflowCollector {
     }
 
     fn report(&mut self, ctx: &PluginContext, closed: &mut Vec<ClosedConn>) {
-        let live: Vec<ConnSample> = self
+        let mut live: Vec<ConnSample> = self
             .conns
             .iter()
             .filter_map(Result::ok)
             .map(|(sock, info)| ConnSample { sock, info })
             .collect();
+        // UDP flows get an id of their own; a flow quiet for two intervals has reported its
+        // bytes and is retired (UDP has no close), which keeps a busy server's map small.
+        let now = clock::monotonic_ns();
+        let quiet_ns = 2 * ctx.interval.as_nanos() as u64;
+        let mut udp_ids = StdHashMap::new();
+        for (key, mut info) in self.udp_flows.iter().filter_map(Result::ok) {
+            let id = udp_flow_id(&key);
+            if now.saturating_sub(info.last_ns) > quiet_ns {
+                info.flags |= CONN_F_CLOSED;
+            }
+            udp_ids.insert(id, key);
+            live.push(ConnSample { sock: id, info });
+        }
         self.resolver.new_interval();
         let output = self.tracker.interval(
             &live,
@@ -282,7 +324,14 @@ impl NetflowCollector {
         );
         closed.clear();
         for sock in &output.delete {
-            let _ = self.conns.remove(sock);
+            match udp_ids.get(sock) {
+                Some(key) => {
+                    let _ = self.udp_flows.remove(key);
+                }
+                None => {
+                    let _ = self.conns.remove(sock);
+                }
+            }
         }
         debug!(
             "netflow: {} live, {} rows, {} tracked, {:?}",
@@ -295,6 +344,15 @@ impl NetflowCollector {
             ctx.sender.submit(DESTINATION, output.points);
         }
     }
+}
+
+/// An id for a UDP flow among the socket ids: a hash of socket and peer, with the low bit set to
+/// keep it apart from socket addresses (kernel pointers, which are aligned).
+fn udp_flow_id(key: &UdpFlowKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish() | 1
 }
 
 fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
