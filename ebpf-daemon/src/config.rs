@@ -195,6 +195,9 @@ pub struct Config {
     pub netflow_max_conns: u32,
     /// Report loopback connections in netflow.
     pub netflow_include_loopback: bool,
+    /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
+    /// every send and receive call, hence off by default).
+    pub netflow_udp_unconnected: bool,
     /// Accepted, not served.
     pub pprof_host: Option<String>,
     pub pprof_port: Option<String>,
@@ -344,6 +347,7 @@ struct Layer {
     netflow_tier: Option<NetflowTier>,
     netflow_max_conns: Option<usize>,
     netflow_include_loopback: Option<bool>,
+    netflow_udp_unconnected: Option<bool>,
     pprof_host: Option<String>,
     pprof_port: Option<String>,
     host_root: Option<PathBuf>,
@@ -385,6 +389,9 @@ impl Layer {
             netflow_include_loopback: higher
                 .netflow_include_loopback
                 .or(self.netflow_include_loopback),
+            netflow_udp_unconnected: higher
+                .netflow_udp_unconnected
+                .or(self.netflow_udp_unconnected),
             pprof_host: higher.pprof_host.or(self.pprof_host),
             pprof_port: higher.pprof_port.or(self.pprof_port),
             host_root: higher.host_root.or(self.host_root),
@@ -511,6 +518,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .netflow_max_conns
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
+        netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
         pprof_host: m.pprof_host,
         pprof_port: m.pprof_port,
         k8s: K8sConfig {
@@ -916,6 +924,7 @@ fn layer_from_cli(
         );
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
+    l.netflow_udp_unconnected = a.netflow_udp_unconnected;
     if !a.bash_path.is_empty() {
         l.bash_paths = Some(a.bash_path.clone());
     }
@@ -1114,6 +1123,7 @@ const FILE_KEYS: &[&str] = &[
     "netflow_tier",
     "netflow_max_conns",
     "netflow_include_loopback",
+    "netflow_udp_unconnected",
 ];
 
 /// The file's three layers, lowest first: `envs`, `args`, keys.
@@ -1492,6 +1502,7 @@ fn parse_ebpf_table(
                     Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
+            "netflow_udp_unconnected" => l.netflow_udp_unconnected = Some(cx.boolean(key, v)?),
             "bash_paths" => {
                 let paths: Vec<PathBuf> = cx
                     .strings(key, v)?

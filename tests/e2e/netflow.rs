@@ -417,8 +417,8 @@ fn external_btf_file_is_used() {
     );
 }
 
-/// Unconnected UDP sockets on both ends (sendto/recvfrom): each end's flow is counted, the
-/// server's as incoming.
+/// Unconnected UDP sockets on both ends (sendto/recvfrom), with the opt-in peer tracking: each
+/// end's flow is counted, the server's as incoming.
 #[test]
 fn udp_unconnected_both_ends_exact_bytes() {
     if !privileged() {
@@ -427,7 +427,7 @@ fn udp_unconnected_both_ends_exact_bytes() {
     let _serial = serial();
     let dir = scratch("nf-udp2");
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &[]);
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
     let pair = NetPair::create("udp2");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());

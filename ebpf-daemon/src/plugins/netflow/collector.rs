@@ -223,13 +223,20 @@ impl NetflowCollector {
                 .attach()
                 .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
         }
-        for (name, tracepoints) in SYSCALL_PROGRAMS {
+        // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
+        // each, measured by `cargo xtask bench`): only when asked for.
+        let syscall_programs: &[_] = if config.netflow_udp_unconnected {
+            &SYSCALL_PROGRAMS
+        } else {
+            &[]
+        };
+        for &(name, tracepoints) in syscall_programs {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
-            for tracepoint in tracepoints {
+            for tracepoint in tracepoints.iter() {
                 program
                     .attach("syscalls", tracepoint)
                     .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
