@@ -39,8 +39,10 @@ pub const CONN_F_ESTABLISHED: u32 = 1 << 2;
 /// The connection reached CLOSE.
 pub const CONN_F_CLOSED: u32 = 1 << 3;
 
-/// How often a busy connection's RTT and retransmits are re-read on send/receive (100 ms).
-pub const TCP_READ_EVERY_NS: u64 = 100_000_000;
+/// How often a busy connection's `last_ns`, RTT and retransmits are refreshed on send/receive:
+/// 25 jiffies (100 ms at HZ=250; 25 to 250 ms for other HZ). A jiffies read costs a load; a
+/// clock read and three socket reads per call do not pay for themselves at interval scale.
+pub const REFRESH_JIFFIES: u64 = 25;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -108,11 +110,12 @@ pub struct ConnInfo {
     /// `bpf_ktime_get_ns()` when tracking began: with the map key it identifies one connection
     /// even when the kernel reuses the socket's memory.
     pub start_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last update.
+    /// `bpf_ktime_get_ns()` of the last refresh (at most [`REFRESH_JIFFIES`] old while the
+    /// connection is active).
     pub last_ns: u64,
-    /// `bpf_ktime_get_ns()` when RTT and retransmits were last read from the socket: on the hot
-    /// path they are read at most every [`TCP_READ_EVERY_NS`] (and always at close).
-    pub tcp_read_ns: u64,
+    /// `bpf_jiffies64()` of the last refresh: on the hot path, `last_ns`, RTT and retransmits
+    /// are refreshed at most every [`REFRESH_JIFFIES`] (and RTT and retransmits always at close).
+    pub refresh_jiffies: u64,
     /// Bytes sent and received (cumulative since tracking began).
     pub bytes_sent: u64,
     pub bytes_recv: u64,

@@ -24,6 +24,7 @@ fn main() {}
 
 #[cfg(target_arch = "bpf")]
 mod probe {
+    use aya_ebpf::helpers::generated::bpf_jiffies64;
     use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
     use aya_ebpf::{
@@ -40,7 +41,7 @@ mod probe {
         AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
         ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
         NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets,
-        TCP_READ_EVERY_NS, UdpFlowKey,
+        REFRESH_JIFFIES, UdpFlowKey,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -226,18 +227,18 @@ mod probe {
             if recv > 0 {
                 add(&mut (*info).bytes_recv, recv);
             }
-            let now = bpf_ktime_get_ns();
-            (*info).last_ns = now;
             if (*info).pid == 0 {
                 set_process(&mut *info);
             }
-            // Hot path: three kernel reads per call add up, and a value read at most 100 ms ago
-            // is as good for an interval of seconds (the read at close is always made).
-            if (*info).protocol == IPPROTO_TCP
-                && now.wrapping_sub((*info).tcp_read_ns) >= TCP_READ_EVERY_NS
-            {
-                (*info).tcp_read_ns = now;
-                read_tcp(sk, &mut *info);
+            // Hot path: a clock read and three socket reads per call add up, and values at
+            // most REFRESH_JIFFIES old serve an interval of seconds (close always reads).
+            let now = bpf_jiffies64();
+            if now.wrapping_sub((*info).refresh_jiffies) >= REFRESH_JIFFIES {
+                (*info).refresh_jiffies = now;
+                (*info).last_ns = bpf_ktime_get_ns();
+                if (*info).protocol == IPPROTO_TCP {
+                    read_tcp(sk, &mut *info);
+                }
             }
         }
     }
