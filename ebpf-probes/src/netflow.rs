@@ -103,6 +103,12 @@ mod probe {
     #[map]
     static NETFLOW_CLOSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+    /// Per-CPU room to build records in: BPF stacks are 512 bytes for a whole call chain, and
+    /// records copied on the stack in nested calls exceed it on stricter verifiers (6.12).
+    /// Slot 0: `describe`; slot 1: new UDP flows.
+    #[map]
+    static SCRATCH: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(2, 0);
+
     #[map]
     static NETFLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NETFLOW_STAT_COUNT, 0);
 
@@ -200,17 +206,17 @@ mod probe {
         let info = match NETFLOW_CONNS.get_ptr_mut(&key) {
             Some(info) => info,
             None => {
-                let Ok(Some(new)) = describe(sk) else {
+                let Some(new) = describe(sk) else {
                     return;
                 };
                 // An unconnected UDP socket has no peer: the syscall tracepoints know it.
                 if new.dport == 0 {
                     if new.protocol == IPPROTO_UDP {
-                        unconnected_udp(key, &new, sent, recv);
+                        unconnected_udp(key, new, sent, recv);
                     }
                     return;
                 }
-                if !track(key, &new) {
+                if !track(key, new) {
                     return;
                 }
                 match NETFLOW_CONNS.get_ptr_mut(&key) {
@@ -248,9 +254,9 @@ mod probe {
         match new {
             TCP_SYN_SENT => {
                 // connect(): the only state change made in the connecting process's context.
-                if let Some(mut info) = describe(sk)? {
-                    set_process(&mut info);
-                    track(key, &info);
+                if let Some(info) = describe(sk) {
+                    set_process(info);
+                    track(key, info);
                 }
             }
             TCP_ESTABLISHED => {
@@ -259,7 +265,7 @@ mod probe {
                     TCP_SYN_RECV => CONN_F_INCOMING,
                     _ => 0,
                 };
-                let Some(fresh) = describe(sk)? else {
+                let Some(fresh) = describe(sk) else {
                     return Ok(());
                 };
                 match NETFLOW_CONNS.get_ptr_mut(&key) {
@@ -274,9 +280,8 @@ mod probe {
                         (*info).last_ns = bpf_ktime_get_ns();
                     },
                     None => {
-                        let mut info = fresh;
-                        info.flags |= CONN_F_ESTABLISHED | direction;
-                        track(key, &info);
+                        fresh.flags |= CONN_F_ESTABLISHED | direction;
+                        track(key, fresh);
                     }
                 }
             }
@@ -346,7 +351,12 @@ mod probe {
             }
             return;
         }
-        let mut info = *template;
+        let Some(slot) = SCRATCH.get_ptr_mut(1) else {
+            return;
+        };
+        // SAFETY: this CPU's slot 1 (slot 0 may hold `template`).
+        let info = unsafe { &mut *slot };
+        *info = *template;
         info.daddr = peer.addr;
         info.dport = peer.port;
         info.bytes_sent = sent;
@@ -356,8 +366,8 @@ mod probe {
         } else {
             CONN_F_OUTGOING
         };
-        set_process(&mut info);
-        match NETFLOW_UDP.insert(&key, &info, BPF_NOEXIST as u64) {
+        set_process(info);
+        match NETFLOW_UDP.insert(&key, info, BPF_NOEXIST as u64) {
             Ok(()) | Err(-17) => {}
             Err(_) => count(NETFLOW_STAT_MAP_FULL),
         }
@@ -459,8 +469,8 @@ mod probe {
         let Some(peer) = read_sockaddr(name) else {
             return 0;
         };
-        if let Ok(Some(template)) = describe(call.sock as *const u8) {
-            udp_flow(call.sock, &template, &peer, 0, call.bytes);
+        if let Some(template) = describe(call.sock as *const u8) {
+            udp_flow(call.sock, template, &peer, 0, call.bytes);
         }
         0
     }
@@ -499,8 +509,22 @@ mod probe {
         }
     }
 
-    /// A new record for an INET TCP or UDP socket; Ok(None) for any other socket.
-    fn describe(sk: *const u8) -> Result<Option<ConnInfo>, ()> {
+    /// A new record for an INET TCP or UDP socket, built in this CPU's scratch slot 0 (valid
+    /// until the program returns); None for any other socket, or when a read fails (counted).
+    /// A plain Option: it comes back in a register, where verifiers keep the pointer's type.
+    #[inline(always)]
+    fn describe(sk: *const u8) -> Option<&'static mut ConnInfo> {
+        match describe_into(sk) {
+            Ok(found) => found,
+            Err(()) => {
+                count(NETFLOW_STAT_READ_FAILED);
+                None
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn describe_into(sk: *const u8) -> Result<Option<&'static mut ConnInfo>, ()> {
         let off = offsets();
         let family: u16 = read(sk, off.skc_family)?;
         if family != AF_INET && family != AF_INET6 {
@@ -510,12 +534,13 @@ mod probe {
         if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
             return Ok(None);
         }
-        let mut info = ConnInfo {
-            family,
-            protocol,
-            start_ns: unsafe { bpf_ktime_get_ns() },
-            ..ConnInfo::default()
-        };
+        let slot = SCRATCH.get_ptr_mut(0).ok_or(())?;
+        // SAFETY: this CPU's slot; a program runs to completion on one CPU.
+        let info = unsafe { &mut *slot };
+        *info = ConnInfo::default();
+        info.family = family;
+        info.protocol = protocol;
+        info.start_ns = unsafe { bpf_ktime_get_ns() };
         info.last_ns = info.start_ns;
         info.sport = read(sk, off.skc_num)?;
         info.dport = u16::from_be(read(sk, off.skc_dport)?);

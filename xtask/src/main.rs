@@ -20,6 +20,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests need; `bootstrap` installs the missing ones.
@@ -76,6 +78,16 @@ enum Cmd {
     },
     /// fmt check and clippy, without running the tests.
     Lint,
+    /// Boots Debian kernels (5.10, 6.1, 6.12, 7.2) under QEMU and runs a host command in each
+    /// (default: the daemon's `check`). Kernels are fetched once and cached.
+    VmTest {
+        /// Kernels to boot (repeatable; default: all).
+        #[arg(long = "kernel", value_name = "LABEL")]
+        kernels: Vec<String>,
+        /// Shell command to run in the guest (host paths; the host root is mounted read-only).
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Benchmarks (release build, root): netflow's cost on a request/response load, kernel time
     /// per program run, the daemon's CPU and memory. Prints the figures and the targets.
     Bench,
@@ -104,6 +116,20 @@ fn main() -> ExitCode {
         } => test(quick, &packages, &test_args),
         Cmd::Lint => lint(),
         Cmd::Bench => bootstrap(true).and_then(|()| bench()),
+        Cmd::VmTest { kernels, command } => bootstrap(false)
+            .and_then(|()| build_daemon(false))
+            .and_then(|()| {
+                let command = if command.is_empty() {
+                    let daemon = target_dir().join("debug/datakit-ebpf");
+                    format!(
+                        "{} check --enabled ebpf-net,ebpf-bash || true",
+                        daemon.display()
+                    )
+                } else {
+                    command.join(" ")
+                };
+                vm::vm_test(&kernels, &command)
+            }),
         Cmd::Run { args } => run_daemon(args),
     };
     match result {
@@ -363,12 +389,12 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn missing_apt_packages() -> Result<Vec<&'static str>> {
+fn missing_apt_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // One dpkg-query for all; unknown packages print nothing (and make it exit 1).
     let out = Command::new("dpkg-query")
         .arg("-W")
         .arg("-f=${Package} ${Status}\n")
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("cannot run dpkg-query (this needs a Debian-based system)")?;
     let listing = String::from_utf8_lossy(&out.stdout);
@@ -381,7 +407,7 @@ fn missing_apt_packages() -> Result<Vec<&'static str>> {
             (words.nth(2)? == "installed").then_some(name)
         })
         .collect();
-    Ok(APT_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))
@@ -389,11 +415,16 @@ fn missing_apt_packages() -> Result<Vec<&'static str>> {
 }
 
 fn ensure_apt_packages() -> Result<()> {
-    let missing = missing_apt_packages()?;
+    ensure_packages(APT_PACKAGES)
+}
+
+/// Installs the missing ones of `packages` (root), after one `apt-get update`.
+fn ensure_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = missing_apt_packages(packages)?;
     if missing.is_empty() {
         println!(
             "[bootstrap] Debian packages: all {} installed",
-            APT_PACKAGES.len()
+            packages.len()
         );
         return Ok(());
     }
@@ -417,7 +448,7 @@ fn ensure_apt_packages() -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install)?;
-    let still = missing_apt_packages()?;
+    let still = missing_apt_packages(packages)?;
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }

@@ -1,0 +1,450 @@
+//! `cargo xtask vm-test`: boots Debian kernels under QEMU (software emulation; KVM is not usable
+//! on this machine kind) and runs a command of the host inside each, to see what the daemon does
+//! on kernels other than the host's.
+//!
+//! - Kernels are fetched by package name from Debian's archive through a private apt root per
+//!   suite (downloaded and unpacked only, never installed) and cached under
+//!   `~/.cache/datakit-ebpf/kernels/<label>/`.
+//! - The guest's initramfs is busybox plus the virtio/9p modules of that kernel; it mounts the
+//!   host's `/` read-only over 9p and chroots into it, so the host's binaries (the daemon, the
+//!   test binaries, `ip`, `bpftool`) run unchanged inside, with fresh /proc, /sys, /dev, /tmp, /run.
+//! - The command's output goes to a second serial port; its exit status is read back from it.
+//!   The guest console is kept for failures. Every boot has a timeout.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::{cache_dir, ensure_packages, output, workspace_root};
+
+/// Host packages the VMs need.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86", // the emulator
+    "busybox-static",  // the guest's init and tools
+    "cpio",            // initramfs archive
+    "kmod",            // modprobe --show-depends, depmod
+    "xz-utils",        // kernel payload and .ko.xz modules
+    "zstd",            // kernel payload and .ko.zst modules
+];
+
+/// A kernel of the matrix: where Debian ships it.
+pub struct Kernel {
+    pub label: &'static str,
+    /// `deb` source line of the suite.
+    source: &'static str,
+}
+
+pub const KERNELS: &[Kernel] = &[
+    Kernel {
+        label: "5.10",
+        source: "http://deb.debian.org/debian-security bullseye-security main",
+    },
+    Kernel {
+        label: "6.1",
+        source: "http://deb.debian.org/debian-security bookworm-security main",
+    },
+    Kernel {
+        label: "6.12",
+        source: "http://deb.debian.org/debian trixie main",
+    },
+    Kernel {
+        label: "7.2",
+        source: "http://deb.debian.org/debian sid main",
+    },
+];
+
+/// Guest modules: the 9p mount of the host, and veth for the tests' network namespaces (with
+/// their dependencies; built-in ones are skipped).
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth"];
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs `command` (a shell command line of the host) in a VM of each kernel in `labels` (all when
+/// empty); prints a pass/fail line per kernel. Fails when any kernel fails.
+pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
+    ensure_packages(VM_PACKAGES)?;
+    let kernels: Vec<&Kernel> = if labels.is_empty() {
+        KERNELS.iter().collect()
+    } else {
+        labels
+            .iter()
+            .map(|l| {
+                KERNELS.iter().find(|k| k.label == l).ok_or_else(|| {
+                    anyhow!(
+                        "unknown kernel {l}; known: {}",
+                        KERNELS
+                            .iter()
+                            .map(|k| k.label)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut results = Vec::new();
+    for kernel in kernels {
+        let started = Instant::now();
+        let result = prepare(kernel).and_then(|dir| boot(kernel, &dir, command));
+        let took = started.elapsed();
+        match &result {
+            Ok(out) => println!("[vm {}] ok in {took:.0?}\n{out}", kernel.label),
+            Err(err) => println!("[vm {}] FAILED in {took:.0?}: {err:#}", kernel.label),
+        }
+        results.push((kernel.label, result.is_ok()));
+    }
+    println!("======== vm-test: summary ========");
+    for (label, ok) in &results {
+        println!("  {}  {label}", if *ok { "ok    " } else { "FAILED" });
+    }
+    if results.iter().any(|(_, ok)| !ok) {
+        bail!("some kernels failed");
+    }
+    Ok(())
+}
+
+/// Downloads, unpacks and prepares a kernel once: `vmlinux` (uncompressed, boots faster) and the
+/// initramfs. Returns its cache directory.
+fn prepare(kernel: &Kernel) -> Result<PathBuf> {
+    let dir = cache_dir()?.join("kernels").join(kernel.label);
+    let initrd = dir.join("initrd.cpio");
+    if dir.join("vmlinux").is_file() && initrd.is_file() {
+        return Ok(dir);
+    }
+    fs::create_dir_all(&dir)?;
+    let apt = AptRoot::new(&dir.join("apt"), kernel.source)?;
+    let image = apt.image_package()?;
+    println!("[vm {}] fetching {image}", kernel.label);
+    let debs = dir.join("debs");
+    let _ = fs::remove_dir_all(&debs);
+    fs::create_dir_all(&debs)?;
+    let mut packages = vec![image.clone()];
+    // Newer kernels split the image into binary and modules packages.
+    packages.extend(
+        apt.depends(&image)?
+            .into_iter()
+            .filter(|d| d.starts_with("linux-binary-") || d.starts_with("linux-modules-")),
+    );
+    for package in &packages {
+        apt.download(package, &debs)?;
+    }
+    let root = dir.join("root");
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root)?;
+    for entry in fs::read_dir(&debs)? {
+        let deb = entry?.path();
+        output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    }
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| anyhow!("no modules directory in {}", root.display()))?;
+    let release = fs::read_dir(&modules)?
+        .next()
+        .ok_or_else(|| anyhow!("empty {}", modules.display()))??
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    // Classic packages ship /boot/vmlinuz-<release>; newer ones (sid) put it beside the modules.
+    let vmlinuz = find(&root, "boot", "vmlinuz-").or_else(|_| {
+        let beside = modules.join(&release).join("vmlinuz");
+        if beside.is_file() {
+            Ok(beside)
+        } else {
+            Err(anyhow!("no vmlinuz in {}", root.display()))
+        }
+    })?;
+    fs::write(
+        dir.join("vmlinux"),
+        uncompress_kernel(&fs::read(&vmlinuz)?)?,
+    )?;
+    let base = modules.parent().unwrap().parent().unwrap().to_path_buf();
+    output(Command::new("depmod").arg("-b").arg(&base).arg(&release))?;
+    build_initrd(&dir, &base, &release)?;
+    Ok(dir)
+}
+
+/// The kernel image inside a vmlinuz: the ELF found by decompressing from the payload's magic.
+fn uncompress_kernel(vmlinuz: &[u8]) -> Result<Vec<u8>> {
+    for (magic, tool) in [
+        (&b"\x28\xb5\x2f\xfd"[..], "zstd"),
+        (&b"\xfd7zXZ\x00"[..], "xz"),
+        (&b"\x1f\x8b\x08"[..], "gzip"),
+    ] {
+        let Some(at) = vmlinuz.windows(magic.len()).position(|w| w == magic) else {
+            continue;
+        };
+        let mut child = Command::new(tool)
+            .arg("-dc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {tool}"))?;
+        let mut stdin = child.stdin.take().unwrap();
+        let payload = vmlinuz[at..].to_vec();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            // Trailing bytes after the stream make the tool complain; its output is what counts.
+            let _ = stdin.write_all(&payload);
+        });
+        let out = child.wait_with_output()?;
+        let _ = writer.join();
+        if out.stdout.starts_with(b"\x7fELF") {
+            return Ok(out.stdout);
+        }
+    }
+    bail!("no compressed kernel found in vmlinuz")
+}
+
+fn find(root: &Path, sub: &str, prefix: &str) -> Result<PathBuf> {
+    fs::read_dir(root.join(sub))
+        .with_context(|| format!("{}/{sub}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .ok_or_else(|| anyhow!("no {sub}/{prefix}* in {}", root.display()))
+}
+
+/// busybox, the 9p modules (decompressed: busybox insmod reads plain .ko), and the init script.
+fn build_initrd(dir: &Path, base: &Path, release: &str) -> Result<()> {
+    let tree = dir.join("initrd");
+    let _ = fs::remove_dir_all(&tree);
+    for sub in ["bin", "dev", "proc", "sys", "host", "mods"] {
+        fs::create_dir_all(tree.join(sub))?;
+    }
+    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox-static")?;
+    let mut order = Vec::new();
+    for module in MODULES {
+        // A module modprobe cannot find is taken as built in (some packages ship no
+        // modules.builtin); if it was not, the guest's 9p mount fails and says so.
+        let Ok(deps) = output(Command::new("modprobe").arg("-d").arg(base).args([
+            "-S",
+            release,
+            "--show-depends",
+            module,
+        ])) else {
+            continue;
+        };
+        for line in deps.lines() {
+            let Some(path) = line.strip_prefix("insmod ").map(|l| l.trim()) else {
+                continue; // builtin
+            };
+            let name = Path::new(path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let plain = name
+                .trim_end_matches(".xz")
+                .trim_end_matches(".zst")
+                .to_string();
+            if order.contains(&plain) {
+                continue;
+            }
+            let target = tree.join("mods").join(&plain);
+            if name.ends_with(".xz") || name.ends_with(".zst") {
+                let tool = if name.ends_with(".xz") { "xz" } else { "zstd" };
+                let out = Command::new(tool).arg("-dc").arg(path).output()?;
+                fs::write(&target, out.stdout)?;
+            } else {
+                fs::copy(path, &target)?;
+            }
+            order.push(plain);
+        }
+    }
+    fs::write(tree.join("mods/order"), order.join("\n") + "\n")?;
+    let init = tree.join("init");
+    fs::write(&init, INIT)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet")
+        .current_dir(&tree)
+        .output()?;
+    if !archive.status.success() {
+        bail!("cpio failed");
+    }
+    fs::write(dir.join("initrd.cpio"), archive.stdout)?;
+    Ok(())
+}
+
+/// The guest's init: modules, the host root over 9p, the command (from the kernel command
+/// line's `dkcmd=` file) in a chroot, its status on the second serial port, power off.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /mods/order); do insmod /mods/$m 2>/dev/null; done
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || echo "9p mount failed"
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount -t devtmpfs dev /host/dev
+mount -t devpts devpts /host/dev/pts
+mount -t tmpfs tmp /host/tmp
+mount -t tmpfs run /host/run
+mkdir -p /host/run/netns
+ip link set lo up
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+echo "== uname $(uname -r)" > /dev/ttyS1
+cmd=$(cat /proc/cmdline | sed -n 's/.*dkcmd=\([^ ]*\).*/\1/p')
+chroot /host /bin/sh -c "$(echo "$cmd" | base64 -d)" > /dev/ttyS1 2>&1
+echo "== exit $?" > /dev/ttyS1
+poweroff -f
+"#;
+
+/// Boots the kernel and runs `command`; returns its output when it exits 0.
+fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
+    let console = dir.join("console.log");
+    let out = dir.join("output.log");
+    let _ = fs::remove_file(&console);
+    let _ = fs::remove_file(&out);
+    // The kernel command line carries it to the guest's init; base64 keeps it one word.
+    let encoded = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(command.as_bytes())
+    };
+    let append =
+        format!("console=ttyS0 panic=-1 oops=panic mitigations=off nokaslr quiet dkcmd={encoded}");
+    let timeout = BOOT_TIMEOUT.as_secs().to_string();
+    let status = Command::new("timeout")
+        .args(["--kill-after=10", &timeout, "qemu-system-x86_64"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "1G",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(dir.join("vmlinux"))
+        .arg("-initrd")
+        .arg(dir.join("initrd.cpio"))
+        .args(["-append", &append])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", out.display()))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .context("starting qemu-system-x86_64")?;
+    let text = fs::read_to_string(&out).unwrap_or_default();
+    if status.code() == Some(124) || status.code() == Some(137) {
+        bail!(
+            "guest hung: killed after {timeout} s; console kept at {}",
+            console.display()
+        );
+    }
+    let exit = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("== exit "))
+        .ok_or_else(|| {
+            anyhow!(
+                "the command did not finish; console kept at {}",
+                console.display()
+            )
+        })?;
+    if exit.trim() != "0" {
+        bail!(
+            "exit status {} in the guest (kernel {}); output:\n{text}\nconsole kept at {}",
+            exit.trim(),
+            kernel.label,
+            console.display()
+        );
+    }
+    Ok(text)
+}
+
+/// A private apt configuration for one suite: lists and downloads only, nothing installed.
+struct AptRoot {
+    dir: PathBuf,
+}
+
+impl AptRoot {
+    fn new(dir: &Path, source: &str) -> Result<AptRoot> {
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        fs::write(
+            dir.join("sources.list"),
+            format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {source}\n"),
+        )?;
+        fs::write(dir.join("status"), "")?;
+        let apt = AptRoot {
+            dir: dir.to_path_buf(),
+        };
+        output(apt.cmd("apt-get").arg("update"))?;
+        Ok(apt)
+    }
+
+    fn cmd(&self, tool: &str) -> Command {
+        let d = &self.dir;
+        let mut cmd = Command::new(tool);
+        cmd.arg("-q")
+            .arg(format!(
+                "-oDir::Etc::SourceList={}",
+                d.join("sources.list").display()
+            ))
+            .arg("-oDir::Etc::SourceParts=/nonexistent")
+            .arg(format!("-oDir::State::Lists={}", d.join("lists").display()))
+            .arg(format!(
+                "-oDir::State::Status={}",
+                d.join("status").display()
+            ))
+            .arg(format!("-oDir::Cache={}", d.join("cache").display()))
+            .arg("-oAPT::Sandbox::User=root")
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    }
+
+    /// The versioned image package the `linux-image-amd64` metapackage points at.
+    fn image_package(&self) -> Result<String> {
+        self.depends("linux-image-amd64")?
+            .into_iter()
+            .find(|d| d.starts_with("linux-image-"))
+            .ok_or_else(|| anyhow!("linux-image-amd64 has no linux-image dependency"))
+    }
+
+    fn depends(&self, package: &str) -> Result<Vec<String>> {
+        let text = output(self.cmd("apt-cache").args(["depends", package]))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .map(|d| d.trim_matches(|c| c == '<' || c == '>').to_string())
+            .collect())
+    }
+
+    fn download(&self, package: &str, into: &Path) -> Result<()> {
+        output(
+            self.cmd("apt-get")
+                .args(["download", package])
+                .current_dir(into),
+        )?;
+        Ok(())
+    }
+}
