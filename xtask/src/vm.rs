@@ -112,11 +112,37 @@ pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
 /// initramfs. Returns its cache directory.
 fn prepare(kernel: &Kernel) -> Result<PathBuf> {
     let dir = cache_dir()?.join("kernels").join(kernel.label);
-    let initrd = dir.join("initrd.cpio");
-    if dir.join("vmlinux").is_file() && initrd.is_file() {
-        return Ok(dir);
+    let done = dir.join("unpacked");
+    if !done.is_file() {
+        fetch(kernel, &dir)?;
+        fs::write(&done, "")?;
     }
-    fs::create_dir_all(&dir)?;
+    // Cheap, and it must follow changes to INIT and MODULES: built every time.
+    let (base, release) = modules_root(&dir.join("root"))?;
+    build_initrd(&dir, &base, &release)?;
+    Ok(dir)
+}
+
+/// The modules directory's base (for `modprobe -d`) and the kernel release.
+fn modules_root(root: &Path) -> Result<(PathBuf, String)> {
+    let modules = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| anyhow!("no modules directory in {}", root.display()))?;
+    let release = fs::read_dir(&modules)?
+        .next()
+        .ok_or_else(|| anyhow!("empty {}", modules.display()))??
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let base = modules.parent().unwrap().parent().unwrap().to_path_buf();
+    Ok((base, release))
+}
+
+/// Downloads and unpacks the kernel's packages; writes `vmlinux` and runs depmod.
+fn fetch(kernel: &Kernel, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
     let apt = AptRoot::new(&dir.join("apt"), kernel.source)?;
     let image = apt.image_package()?;
     println!("[vm {}] fetching {image}", kernel.label);
@@ -140,17 +166,8 @@ fn prepare(kernel: &Kernel) -> Result<PathBuf> {
         let deb = entry?.path();
         output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     }
-    let modules = ["lib/modules", "usr/lib/modules"]
-        .iter()
-        .map(|p| root.join(p))
-        .find(|p| p.is_dir())
-        .ok_or_else(|| anyhow!("no modules directory in {}", root.display()))?;
-    let release = fs::read_dir(&modules)?
-        .next()
-        .ok_or_else(|| anyhow!("empty {}", modules.display()))??
-        .file_name()
-        .to_string_lossy()
-        .into_owned();
+    let (base, release) = modules_root(&root)?;
+    let modules = base.join("lib/modules");
     // Classic packages ship /boot/vmlinuz-<release>; newer ones (sid) put it beside the modules.
     let vmlinuz = find(&root, "boot", "vmlinuz-").or_else(|_| {
         let beside = modules.join(&release).join("vmlinuz");
@@ -164,10 +181,8 @@ fn prepare(kernel: &Kernel) -> Result<PathBuf> {
         dir.join("vmlinux"),
         uncompress_kernel(&fs::read(&vmlinuz)?)?,
     )?;
-    let base = modules.parent().unwrap().parent().unwrap().to_path_buf();
     output(Command::new("depmod").arg("-b").arg(&base).arg(&release))?;
-    build_initrd(&dir, &base, &release)?;
-    Ok(dir)
+    Ok(())
 }
 
 /// The kernel image inside a vmlinuz: the ELF found by decompressing from the payload's magic.
@@ -290,7 +305,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || echo 
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
-mount -t devpts devpts /host/dev/pts
+mkdir -p /host/dev/pts
+mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mkdir -p /host/run/netns
