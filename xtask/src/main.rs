@@ -234,7 +234,7 @@ fn show(cmd: &Command) -> String {
 /// Runs `cmd`, echoing it first; fails when it cannot start or exits unsuccessfully.
 fn run(mut cmd: Command) -> Result<()> {
     let line = show(&cmd);
-    println!("$ {line}");
+    eprintln!("$ {line}");
     let status = cmd
         .status()
         .with_context(|| format!("cannot start `{line}`"))?;
@@ -288,10 +288,10 @@ fn ensure_nightly_rust_src() -> Result<()> {
         .lines()
         .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-"))
     {
-        println!("[bootstrap] rust-src (nightly): already installed");
+        eprintln!("[bootstrap] rust-src (nightly): already installed");
         return Ok(());
     }
-    println!("[bootstrap] rust-src (nightly): installing");
+    eprintln!("[bootstrap] rust-src (nightly): installing");
     let mut cmd = Command::new("rustup");
     cmd.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
     run(cmd)
@@ -308,13 +308,13 @@ fn bpf_linker_works(bin: &Path) -> bool {
 fn ensure_bpf_linker() -> Result<()> {
     let bin = bpf_linker_dir()?.join("bpf-linker");
     if bpf_linker_works(&bin) {
-        println!(
+        eprintln!(
             "[bootstrap] bpf-linker {BPF_LINKER_VERSION}: cached at {}",
             bin.display()
         );
         return Ok(());
     }
-    println!(
+    eprintln!(
         "[bootstrap] bpf-linker {BPF_LINKER_VERSION}: not usable at {}, building it against the \
          nightly toolchain's libLLVM (takes a minute or two)",
         bin.display()
@@ -359,7 +359,7 @@ fn ensure_bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(&libllvm, &link)
             .with_context(|| format!("linking {} -> {}", link.display(), libllvm.display()))?;
     }
-    println!(
+    eprintln!(
         "[bootstrap] {}/{{libLLVM.so,{}}} -> {}",
         prefix_lib.display(),
         own_name.to_string_lossy(),
@@ -382,7 +382,7 @@ fn ensure_bpf_linker() -> Result<()> {
     if !bpf_linker_works(&bin) {
         bail!("{} was installed but `--version` fails", bin.display());
     }
-    println!(
+    eprintln!(
         "[bootstrap] bpf-linker {BPF_LINKER_VERSION}: built at {}",
         bin.display()
     );
@@ -422,7 +422,7 @@ fn ensure_apt_packages() -> Result<()> {
 fn ensure_packages(packages: &[&'static str]) -> Result<()> {
     let missing = missing_apt_packages(packages)?;
     if missing.is_empty() {
-        println!(
+        eprintln!(
             "[bootstrap] Debian packages: all {} installed",
             packages.len()
         );
@@ -436,7 +436,7 @@ fn ensure_packages(packages: &[&'static str]) -> Result<()> {
              or run `cargo xtask bootstrap` as root"
         );
     }
-    println!("[bootstrap] Debian packages: installing {list}");
+    eprintln!("[bootstrap] Debian packages: installing {list}");
     let mut update = Command::new("apt-get");
     update
         .arg("update")
@@ -452,7 +452,7 @@ fn ensure_packages(packages: &[&'static str]) -> Result<()> {
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }
-    println!("[bootstrap] Debian packages: installed {list}");
+    eprintln!("[bootstrap] Debian packages: installed {list}");
     Ok(())
 }
 
@@ -502,7 +502,7 @@ fn run_steps(title: &str, steps: Vec<Step<'_>>) -> Result<()> {
     let mut results: Vec<(Duration, Option<String>)> = Vec::new();
     let started = Instant::now();
     for (i, (name, step)) in steps.into_iter().enumerate() {
-        println!("\n======== [{}/{total}] {name} ========", i + 1);
+        eprintln!("\n======== [{}/{total}] {name} ========", i + 1);
         let t = Instant::now();
         let res = step();
         let failed = res.as_ref().err().map(|e| format!("{e:#}"));
@@ -511,22 +511,22 @@ fn run_steps(title: &str, steps: Vec<Step<'_>>) -> Result<()> {
             break;
         }
     }
-    println!("\n======== {title}: summary ========");
+    eprintln!("\n======== {title}: summary ========");
     for (i, name) in names.iter().enumerate() {
         match results.get(i) {
-            Some((d, None)) => println!("  ok       {name} ({:.1}s)", d.as_secs_f64()),
-            Some((d, Some(_))) => println!("  FAILED   {name} ({:.1}s)", d.as_secs_f64()),
-            None => println!("  skipped  {name}"),
+            Some((d, None)) => eprintln!("  ok       {name} ({:.1}s)", d.as_secs_f64()),
+            Some((d, Some(_))) => eprintln!("  FAILED   {name} ({:.1}s)", d.as_secs_f64()),
+            None => eprintln!("  skipped  {name}"),
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     match results.iter().find_map(|(_, e)| e.clone()) {
         Some(err) => {
-            println!("{title}: FAILED after {elapsed:.1}s");
+            eprintln!("{title}: FAILED after {elapsed:.1}s");
             Err(anyhow!(err))
         }
         None => {
-            println!("{title}: all {total} steps passed in {elapsed:.1}s");
+            eprintln!("{title}: all {total} steps passed in {elapsed:.1}s");
             Ok(())
         }
     }

@@ -93,14 +93,14 @@ pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
         let result = prepare(kernel).and_then(|dir| boot(kernel, &dir, command));
         let took = started.elapsed();
         match &result {
-            Ok(out) => println!("[vm {}] ok in {took:.0?}\n{out}", kernel.label),
-            Err(err) => println!("[vm {}] FAILED in {took:.0?}: {err:#}", kernel.label),
+            Ok(out) => eprintln!("[vm {}] ok in {took:.0?}\n{out}", kernel.label),
+            Err(err) => eprintln!("[vm {}] FAILED in {took:.0?}: {err:#}", kernel.label),
         }
         results.push((kernel.label, result.is_ok()));
     }
-    println!("======== vm-test: summary ========");
+    eprintln!("======== vm-test: summary ========");
     for (label, ok) in &results {
-        println!("  {}  {label}", if *ok { "ok    " } else { "FAILED" });
+        eprintln!("  {}  {label}", if *ok { "ok    " } else { "FAILED" });
     }
     if results.iter().any(|(_, ok)| !ok) {
         bail!("some kernels failed");
@@ -145,7 +145,7 @@ fn fetch(kernel: &Kernel, dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)?;
     let apt = AptRoot::new(&dir.join("apt"), kernel.source)?;
     let image = apt.image_package()?;
-    println!("[vm {}] fetching {image}", kernel.label);
+    eprintln!("[vm {}] fetching {image}", kernel.label);
     let debs = dir.join("debs");
     let _ = fs::remove_dir_all(&debs);
     fs::create_dir_all(&debs)?;
