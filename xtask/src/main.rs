@@ -26,20 +26,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests need; `bootstrap` installs the missing ones.
 const APT_PACKAGES: &[&str] = &[
-    "bpftool",     // inspecting loaded programs/maps and the kernel BTF (probe load tests)
-    "iproute2",    // `ip netns`/veth/`tc`: the network tests' private hosts and links
-    "iptables", // NAT/conntrack tests and packet loss (netfilter `statistic` match) for retransmits
-    "procps",   // `sysctl`, `ps`, `pgrep` in test setup and process-exit tests
-    "tmux",     // drives an interactive bash on a pty for the bash readline uprobe test
-    "bash",     // the bash collector test: uprobe on `readline` in /bin/bash
-    "util-linux", // `unshare`, `nsenter`, `mount` (tracefs/debugfs) in namespace tests
-    "curl",     // HTTP client traffic against nginx (HTTP/TCP flow tests)
-    "dnsutils", // `dig`: DNS query traffic for the DNS tests
-    "dnsmasq",  // DNS server inside a test namespace (DNS tests)
-    "nginx-light", // HTTP server inside a test namespace (HTTP/TCP flow tests)
-    "python3",  // small scripted servers/clients (listen backlog overflow, odd socket patterns)
-    "openssl",  // TLS certificates and `openssl s_client`/`s_server` traffic (TLS tests)
-    "ethtool",  // turning off veth offloads so packet sizes match what the tests expect
+    "bpftool", // loaded programs after SIGTERM (bash lifecycle test), bpf_stats (bench), BTF header (btf test)
+    "iproute2", // `ip netns`/veth: the network tests' hosts in namespaces
+    "iptables", // packet loss with the netfilter `statistic` match (retransmit test)
+    "procps",  // `sysctl kernel.bpf_stats_enabled` (bench)
+    "bash",    // the bash collector's tests drive /bin/bash
+    "util-linux", // `mount -t tracefs` in the lifecycle test
+    "python3", // the bench's 10,000-connection server
+    "gcc",     // offsetof check of the BTF-derived offsets (btf unit test)
 ];
 
 #[derive(Parser)]
