@@ -72,6 +72,11 @@ struct Seen {
     recv: u64,
     retrans: u32,
     established_reported: bool,
+    /// Absent from the last map walk. Kept one more interval: the kernel submits the close
+    /// record and then removes the entry, so a walk that runs after the ring buffer was drained
+    /// can miss a connection whose record only arrives next interval. Forgetting it at once
+    /// would report its whole history again.
+    missing: bool,
 }
 
 pub struct Tracker {
@@ -154,8 +159,16 @@ impl Tracker {
                 info.protocol == IPPROTO_TCP,
             );
         }
-        // Entries that left the map without a close record (evicted) are forgotten.
-        self.seen.retain(|id, _| alive.contains(id));
+        // Entries that left the map without a close record are forgotten one interval later
+        // (see `Seen::missing`).
+        self.seen.retain(|id, seen| {
+            if alive.contains(id) {
+                return true;
+            }
+            let keep = !seen.missing;
+            seen.missing = true;
+            keep
+        });
 
         stats.rows = rows.len();
         let points = rows
@@ -178,6 +191,7 @@ impl Tracker {
             recv: info.bytes_recv,
             retrans: info.retransmits,
             established_reported: seen.established_reported || delta.established,
+            missing: false,
         };
         delta
     }
@@ -197,13 +211,15 @@ impl Tracker {
         delta: Delta,
         closed: bool,
     ) {
+        // Before the filters: most connections are idle in most intervals, and the key may
+        // need the resolver (a /proc read).
+        if delta.sent == 0 && delta.recv == 0 && !delta.established && !closed {
+            return;
+        }
         let Some(mut key) = self.row_key(info, resolver) else {
             stats.filtered += 1;
             return;
         };
-        if delta.sent == 0 && delta.recv == 0 && !delta.established && !closed {
-            return;
-        }
         key.process_name = if info.pid == 0 {
             String::new()
         } else {
@@ -396,15 +412,6 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
             "direction",
             if key.outgoing { "outgoing" } else { "incoming" },
         )
-        .tag(
-            "pid",
-            if key.pid == 0 {
-                String::new()
-            } else {
-                key.pid.to_string()
-            },
-        )
-        .tag("process_name", key.process_name.clone())
         .tag("netns", key.netns.to_string())
         .tag("conn_side", if key.outgoing { "client" } else { "server" })
         .tag("client_ip", client.0.clone())
@@ -417,6 +424,15 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
         .field("bytes_written", int(v.bytes_written))
         .field("client_sent", int(client_sent))
         .field("server_sent", int(server_sent));
+    // Unknown pid or name: left out rather than sent empty.
+    if key.pid != 0 {
+        point.tags.push(("pid".into(), key.pid.to_string()));
+    }
+    if !key.process_name.is_empty() {
+        point
+            .tags
+            .push(("process_name".into(), key.process_name.clone()));
+    }
     if key.transport == "tcp" {
         let count = v.rtt_count.max(1);
         point = point
@@ -695,10 +711,10 @@ mod tests {
         assert_eq!(tag(&p[0], "transport"), Some("udp"));
         assert_eq!(tag(&p[0], "src_ip_type"), Some("private"));
         assert_eq!(tag(&p[0], "dst_ip_type"), Some("other"));
-        assert!(
-            p[0].fields
-                .iter()
-                .all(|(k, _)| !k.starts_with("tcp_") && k != "rtt")
+        let names: Vec<&str> = p[0].fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["bytes_read", "bytes_written", "client_sent", "server_sent"]
         );
         let disabled = run(
             &mut Tracker::new(NetflowOptions {
@@ -729,6 +745,206 @@ mod tests {
         );
         assert_eq!(out.delete, [77]);
         assert_eq!(field(&out.points[0], "tcp_closed"), 1);
+    }
+
+    #[test]
+    fn three_intervals_add_up_to_the_totals() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        let (mut sent, mut recv, mut retrans, mut est, mut closed) = (0, 0, 0, 0, 0);
+        for (i, (s, r, x)) in [(10, 100, 0), (25, 400, 1), (25, 900, 3)]
+            .iter()
+            .enumerate()
+        {
+            c.bytes_sent = *s;
+            c.bytes_recv = *r;
+            c.retransmits = *x;
+            let p = if i < 2 {
+                run(&mut t, &[ConnSample { sock: 1, info: c }], &[])
+            } else {
+                run(&mut t, &[], &[ClosedConn { sock: 1, info: c }])
+            };
+            for p in &p {
+                sent += field(p, "bytes_written");
+                recv += field(p, "bytes_read");
+                retrans += field(p, "retransmits");
+                est += field(p, "tcp_established");
+                closed += field(p, "tcp_closed");
+            }
+        }
+        assert_eq!((sent, recv, retrans, est, closed), (25, 900, 3, 1, 1));
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn pre_existing_connection_closing_is_closed_but_not_established() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, CONN_F_CLOSED);
+        c.bytes_sent = 5;
+        let p = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
+        assert_eq!(
+            (field(&p[0], "tcp_established"), field(&p[0], "tcp_closed")),
+            (0, 1)
+        );
+    }
+
+    #[test]
+    fn outgoing_ephemeral_floor_keeps_low_ports() {
+        let mut t = Tracker::new(NetflowOptions {
+            ephemeral_port_min: 10001,
+            ..options()
+        });
+        let mut low = conn(5000, 80, EST_OUT);
+        low.bytes_sent = 1;
+        let mut high = conn(40000, 80, EST_OUT);
+        high.bytes_sent = 1;
+        let p = run(
+            &mut t,
+            &[
+                ConnSample { sock: 1, info: low },
+                ConnSample {
+                    sock: 2,
+                    info: high,
+                },
+            ],
+            &[],
+        );
+        let mut ports: Vec<&str> = p.iter().filter_map(|p| tag(p, "src_port")).collect();
+        ports.sort();
+        assert_eq!(ports, ["*", "5000"]);
+        assert!(
+            p.iter()
+                .all(|p| tag(p, "client_port") == tag(p, "src_port"))
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_and_compatible_are_reported_as_ipv4() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 443, EST_OUT);
+        c.family = AF_INET6;
+        c.saddr = mapped([192, 168, 1, 5]);
+        // IPv4-compatible (::a.b.c.d).
+        c.daddr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        c.bytes_sent = 1;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(tag(&p[0], "family"), Some("IPv4"));
+        assert_eq!(tag(&p[0], "src_ip"), Some("192.168.1.5"));
+        assert_eq!(tag(&p[0], "dst_ip"), Some("1.2.3.4"));
+        assert_eq!(tag(&p[0], "dst_ip_type"), Some("other"));
+        // Still IPv4 when IPv6 is disabled.
+        let p = run(
+            &mut Tracker::new(NetflowOptions {
+                ipv6_disabled: true,
+                ..options()
+            }),
+            &[ConnSample { sock: 1, info: c }],
+            &[],
+        );
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn mapped_loopback_and_zero_ports_are_filtered() {
+        let mut t = Tracker::new(options());
+        let mut lo = conn(40000, 80, EST_OUT);
+        lo.daddr = mapped([127, 0, 0, 53]);
+        lo.bytes_sent = 1;
+        let mut lo6 = conn(40000, 80, EST_OUT);
+        lo6.family = AF_INET6;
+        lo6.saddr = Ipv6Addr::LOCALHOST.octets();
+        lo6.daddr = Ipv6Addr::LOCALHOST.octets();
+        lo6.bytes_sent = 1;
+        let mut zero = conn(40000, 0, EST_OUT);
+        zero.bytes_sent = 1;
+        let tags = GlobalTags::from_pairs(&[]);
+        let mut resolver = FakeResolver { listening: vec![] };
+        let out = t.interval(
+            &[
+                ConnSample { sock: 1, info: lo },
+                ConnSample { sock: 2, info: lo6 },
+                ConnSample {
+                    sock: 3,
+                    info: zero,
+                },
+            ],
+            &[],
+            &mut resolver,
+            &tags,
+            0,
+            0,
+            u64::MAX,
+        );
+        assert!(out.points.is_empty());
+        assert_eq!(out.stats.filtered, 3);
+    }
+
+    #[test]
+    fn unknown_pid_and_name_are_left_out() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.pid = 0;
+        c.comm = [0; 16];
+        c.bytes_sent = 1;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(
+            (tag(&p[0], "pid"), tag(&p[0], "process_name")),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn idle_entry_is_reported_deleted_and_forgotten() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 10;
+        run(&mut t, &[ConnSample { sock: 5, info: c }], &[]);
+        c.bytes_sent = 15;
+        let tags = GlobalTags::from_pairs(&[]);
+        let mut resolver = FakeResolver { listening: vec![] };
+        // last_ns 1000, now 10_000, idle after 5000 ns.
+        let out = t.interval(
+            &[ConnSample { sock: 5, info: c }],
+            &[],
+            &mut resolver,
+            &tags,
+            0,
+            10_000,
+            5000,
+        );
+        assert_eq!(out.delete, [5]);
+        assert_eq!(field(&out.points[0], "bytes_written"), 5);
+        assert_eq!(field(&out.points[0], "tcp_closed"), 0);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn vanished_entry_is_forgotten_after_one_more_interval() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 10;
+        run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert!(run(&mut t, &[], &[]).is_empty());
+        assert_eq!(t.tracked(), 1);
+        assert!(run(&mut t, &[], &[]).is_empty());
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn close_record_arriving_after_the_entry_vanished_reports_only_the_rest() {
+        // The walk missed the entry (removed at close) and the record came an interval late.
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_sent = 10;
+        run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert!(run(&mut t, &[], &[]).is_empty());
+        c.bytes_sent = 12;
+        c.flags |= CONN_F_CLOSED;
+        let p = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
+        assert_eq!(field(&p[0], "bytes_written"), 2);
+        assert_eq!(field(&p[0], "tcp_established"), 0);
+        assert_eq!(field(&p[0], "tcp_closed"), 1);
+        assert_eq!(t.tracked(), 0);
     }
 
     #[test]
