@@ -14,6 +14,9 @@ pub const UDP_FLOWS_MAP: &str = "NETFLOW_UDP";
 pub const CLOSED_MAP: &str = "NETFLOW_CLOSED";
 /// Name of the per-CPU counter array (`NETFLOW_STAT_*` indices).
 pub const STATS_MAP: &str = "NETFLOW_STATS";
+/// Name of the read-only u32 global: non-zero when unconnected UDP is counted
+/// (`--netflow-udp-unconnected`); when zero the probes drop such sockets after two reads.
+pub const UDP_UNCONNECTED_GLOBAL: &str = "NETFLOW_UDP_UNCONNECTED";
 /// Name of the read-only global holding [`NetOffsets`].
 pub const OFFSETS_GLOBAL: &str = "NET_OFFSETS";
 /// Default number of tracked connections; each costs `size_of::<ConnInfo>() + 8` bytes of map

@@ -21,22 +21,11 @@ const TRACEPOINTS: &[&str] = &[
     "tcp_retransmit_skb",
 ];
 
-/// Functions (fentry/kprobe targets) whose presence the tier choice needs.
-const FUNCTIONS: &[&str] = &[
-    "tcp_sendmsg",
-    "tcp_cleanup_rbuf",
-    "udp_sendmsg",
-    "udp_recvmsg",
-    "tcp_set_state",
-    "tcp_retransmit_skb",
-];
-
 /// What the daemon needs to know from the kernel's BTF.
 #[derive(Debug, Clone)]
 pub struct KernelBtf {
     offsets: Result<NetOffsets, String>,
     tracepoints: HashSet<&'static str>,
-    functions: HashSet<&'static str>,
 }
 
 impl KernelBtf {
@@ -51,19 +40,10 @@ impl KernelBtf {
             .copied()
             .filter(|tp| !ids(&btf, &format!("btf_trace_{tp}")).is_empty())
             .collect();
-        let functions = FUNCTIONS
-            .iter()
-            .copied()
-            .filter(|f| {
-                btf.resolve_types_by_name(f)
-                    .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))))
-            })
-            .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         Ok(KernelBtf {
             offsets,
             tracepoints,
-            functions,
         })
     }
 
@@ -76,15 +56,6 @@ impl KernelBtf {
     /// True when the kernel has the BTF-typed tracepoint `name` (one of [`TRACEPOINTS`]).
     pub fn has_tracepoint(&self, name: &str) -> bool {
         self.tracepoints.contains(name)
-    }
-
-    /// True when the kernel has the function `name` (one of [`FUNCTIONS`]).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by the fentry and kprobe tiers")
-    )]
-    pub fn has_function(&self, name: &str) -> bool {
-        self.functions.contains(name)
     }
 }
 
@@ -332,7 +303,6 @@ mod tests {
         assert!(k.has_tracepoint("sock_send_length"));
         assert!(k.has_tracepoint("inet_sock_set_state"));
         assert!(!k.has_tracepoint("no_such_tracepoint"));
-        assert!(k.has_function("tcp_sendmsg"));
         assert!(k.net_offsets().is_ok());
     }
 

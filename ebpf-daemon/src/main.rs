@@ -95,17 +95,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Probes the kernel once: features and BTF.
-fn probe_kernel(config: &Config, tracefs: Option<&std::path::Path>) -> plugins::Kernel {
+/// Probes the kernel once: features, and BTF when `need_btf` (parsing it costs 0.2 s and tens
+/// of MB; only ebpf-net uses it).
+fn probe_kernel(
+    config: &Config,
+    tracefs: Option<&std::path::Path>,
+    need_btf: bool,
+) -> plugins::Kernel {
     plugins::Kernel {
         features: kernel::KernelFeatures::probe(tracefs, config.btf.as_deref()),
-        btf: btf::KernelBtf::load(config.btf.as_deref()).map_err(|err| format!("{err:#}")),
+        btf: if need_btf {
+            btf::KernelBtf::load(config.btf.as_deref()).map_err(|err| format!("{err:#}"))
+        } else {
+            Err("not read: ebpf-net is not enabled".into())
+        },
     }
 }
 
 fn run_check(config: &Config) -> ExitCode {
     let tracefs = lifecycle::ensure_tracefs();
-    let kernel = probe_kernel(config, tracefs.as_deref());
+    // check reports every plugin, enabled or not.
+    let kernel = probe_kernel(config, tracefs.as_deref(), true);
     let (report, ok) = check::report(config, &kernel);
     print!("{report}");
     if ok {
@@ -132,7 +142,11 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     if let Some(tracefs) = &tracefs {
         lifecycle::remove_stale_probe_events(tracefs);
     }
-    let kernel = probe_kernel(&config, tracefs.as_deref());
+    let kernel = probe_kernel(
+        &config,
+        tracefs.as_deref(),
+        config.enabled.contains(&Plugin::Net),
+    );
 
     let sender = Sender::start(SenderOptions {
         target: match &config.output {

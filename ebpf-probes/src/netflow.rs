@@ -63,6 +63,10 @@ mod probe {
         net_ns_inum: 0,
     };
 
+    /// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
+    #[unsafe(no_mangle)]
+    static NETFLOW_UDP_UNCONNECTED: u32 = 0;
+
     /// Resized by the daemon (`--netflow-max-conns`).
     #[map]
     static NETFLOW_CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
@@ -534,6 +538,16 @@ mod probe {
         if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
             return Ok(None);
         }
+        let dport = u16::from_be(read(sk, off.skc_dport)?);
+        // An unconnected UDP socket is only of use when its peers are tracked; stop here
+        // otherwise, before the address reads (every datagram of a DNS server comes here).
+        // SAFETY: our own read-only global; volatile so the loader's value is read.
+        if protocol == IPPROTO_UDP
+            && dport == 0
+            && unsafe { core::ptr::read_volatile(&NETFLOW_UDP_UNCONNECTED) } == 0
+        {
+            return Ok(None);
+        }
         let slot = SCRATCH.get_ptr_mut(0).ok_or(())?;
         // SAFETY: this CPU's slot; a program runs to completion on one CPU.
         let info = unsafe { &mut *slot };
@@ -543,7 +557,7 @@ mod probe {
         info.start_ns = unsafe { bpf_ktime_get_ns() };
         info.last_ns = info.start_ns;
         info.sport = read(sk, off.skc_num)?;
-        info.dport = u16::from_be(read(sk, off.skc_dport)?);
+        info.dport = dport;
         if family == AF_INET {
             let saddr: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
             let daddr: [u8; 4] = read(sk, off.skc_daddr)?;

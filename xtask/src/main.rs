@@ -539,20 +539,9 @@ fn clippy() -> Result<()> {
 }
 
 fn bench() -> Result<()> {
-    // An ignored test binary: it reuses the end-to-end harness (namespaces, daemon runner).
+    // A `harness = false` bench target: it reuses the end-to-end helpers (namespaces, daemon).
     let mut cmd = cargo()?;
-    cmd.args([
-        "test",
-        "--release",
-        "-p",
-        "datakit-ebpf",
-        "--test",
-        "bench",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    cmd.args(["bench", "-p", "datakit-ebpf", "--bench", "netflow_overhead"]);
     run(cmd)
 }
 

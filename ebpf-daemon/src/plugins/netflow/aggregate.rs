@@ -72,11 +72,6 @@ struct Seen {
     recv: u64,
     retrans: u32,
     established_reported: bool,
-    /// Absent from the last map walk. Kept one more interval: the kernel submits the close
-    /// record and then removes the entry, so a walk that runs after the ring buffer was drained
-    /// can miss a connection whose record only arrives next interval. Forgetting it at once
-    /// would report its whole history again.
-    missing: bool,
 }
 
 pub struct Tracker {
@@ -159,16 +154,9 @@ impl Tracker {
                 info.protocol == IPPROTO_TCP,
             );
         }
-        // Entries that left the map without a close record are forgotten one interval later
-        // (see `Seen::missing`).
-        self.seen.retain(|id, seen| {
-            if alive.contains(id) {
-                return true;
-            }
-            let keep = !seen.missing;
-            seen.missing = true;
-            keep
-        });
+        // Entries that left the map without a close record (evicted) are forgotten. The caller
+        // drains the ring buffer after walking the map, so a close record never trails its entry.
+        self.seen.retain(|id, _| alive.contains(id));
 
         stats.rows = rows.len();
         let points = rows
@@ -191,7 +179,6 @@ impl Tracker {
             recv: info.bytes_recv,
             retrans: info.retransmits,
             established_reported: seen.established_reported || delta.established,
-            missing: false,
         };
         delta
     }
@@ -919,31 +906,13 @@ mod tests {
     }
 
     #[test]
-    fn vanished_entry_is_forgotten_after_one_more_interval() {
+    fn vanished_entry_is_forgotten() {
         let mut t = Tracker::new(options());
         let mut c = conn(40000, 80, EST_OUT);
         c.bytes_sent = 10;
         run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
-        assert!(run(&mut t, &[], &[]).is_empty());
         assert_eq!(t.tracked(), 1);
         assert!(run(&mut t, &[], &[]).is_empty());
-        assert_eq!(t.tracked(), 0);
-    }
-
-    #[test]
-    fn close_record_arriving_after_the_entry_vanished_reports_only_the_rest() {
-        // The walk missed the entry (removed at close) and the record came an interval late.
-        let mut t = Tracker::new(options());
-        let mut c = conn(40000, 80, EST_OUT);
-        c.bytes_sent = 10;
-        run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
-        assert!(run(&mut t, &[], &[]).is_empty());
-        c.bytes_sent = 12;
-        c.flags |= CONN_F_CLOSED;
-        let p = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
-        assert_eq!(field(&p[0], "bytes_written"), 2);
-        assert_eq!(field(&p[0], "tcp_established"), 0);
-        assert_eq!(field(&p[0], "tcp_closed"), 1);
         assert_eq!(t.tracked(), 0);
     }
 

@@ -15,7 +15,7 @@ use aya::{
 use ebpf_common::netflow::{
     CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
     NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, UDP_FLOWS_MAP,
-    UdpFlowKey,
+    UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -207,6 +207,11 @@ impl NetflowCollector {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(
+                UDP_UNCONNECTED_GLOBAL,
+                &u32::from(config.netflow_udp_unconnected),
+                true,
+            )
             .map_max_entries(CONNS_MAP, config.netflow_max_conns)
             .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
             .load(OBJECT)
@@ -285,7 +290,6 @@ impl NetflowCollector {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => {
-                    drain(self.closed.get_mut(), &mut closed);
                     self.report(&ctx, &mut closed);
                     self.losses.report();
                 }
@@ -293,7 +297,6 @@ impl NetflowCollector {
             }
         }
         // What happened since the last interval is still reported.
-        drain(self.closed.get_mut(), &mut closed);
         self.report(&ctx, &mut closed);
         self.losses.report();
         Ok(())
@@ -319,6 +322,10 @@ impl NetflowCollector {
             udp_ids.insert(id, key);
             live.push(ConnSample { sock: id, info });
         }
+        // The ring buffer is drained after the map walk, never before: the kernel submits a
+        // close record and then deletes the entry, so every connection missing from the walk
+        // has its record in the ring by now, and one closing after the walk was seen live.
+        drain(self.closed.get_mut(), closed);
         self.resolver.new_interval();
         let output = self.tracker.interval(
             &live,
