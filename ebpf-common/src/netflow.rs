@@ -84,9 +84,30 @@ pub struct NetOffsets {
     pub tcp_total_retrans: u32,
     /// `struct net`: `ns.inum` (u32, the network namespace's inode number)
     pub net_ns_inum: u32,
+    /// `struct socket`: `sk` (the `struct sock *` behind a BSD socket; kprobe and fentry tiers)
+    pub socket_sk: u32,
 }
 
-crate::assert_size!(NetOffsets, 56);
+crate::assert_size!(NetOffsets, 60);
+
+/// Name of the read-only global holding [`TracepointOffsets`] (kprobe tier).
+pub const TP_OFFSETS_GLOBAL: &str = "NET_TP_OFFSETS";
+
+/// Byte offsets of the classic tracepoints' fields, from their `format` files in tracefs. The
+/// kprobe tier uses classic tracepoints (not tp_btf) so it also runs on kernels whose BTF is
+/// only available as a file (`--btf`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    /// `sock:inet_sock_set_state`: `skaddr`, `oldstate`, `newstate`
+    pub state_skaddr: u32,
+    pub state_oldstate: u32,
+    pub state_newstate: u32,
+    /// `tcp:tcp_retransmit_skb`: `skaddr`
+    pub retransmit_skaddr: u32,
+}
+
+crate::assert_size!(TracepointOffsets, 16);
 
 /// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 #[repr(C)]
@@ -163,6 +184,7 @@ mod user {
     unsafe impl aya::Pod for super::UdpFlowKey {}
     // SAFETY: plain repr(C) data without padding holes.
     unsafe impl aya::Pod for super::NetOffsets {}
+    unsafe impl aya::Pod for super::TracepointOffsets {}
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ClosedConn {}
 }

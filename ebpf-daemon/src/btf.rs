@@ -21,11 +21,21 @@ const TRACEPOINTS: &[&str] = &[
     "tcp_retransmit_skb",
 ];
 
+/// Kernel functions whose presence the tier choice needs (the fentry tier's fexit targets: the
+/// INET socket layer every send and receive on a TCP or UDP socket goes through).
+pub const FUNCTIONS: &[&str] = &[
+    "inet_sendmsg",
+    "inet6_sendmsg",
+    "inet_recvmsg",
+    "inet6_recvmsg",
+];
+
 /// What the daemon needs to know from the kernel's BTF.
 #[derive(Debug, Clone)]
 pub struct KernelBtf {
     offsets: Result<NetOffsets, String>,
     tracepoints: HashSet<&'static str>,
+    functions: HashSet<&'static str>,
 }
 
 impl KernelBtf {
@@ -40,10 +50,16 @@ impl KernelBtf {
             .copied()
             .filter(|tp| !ids(&btf, &format!("btf_trace_{tp}")).is_empty())
             .collect();
+        let functions = FUNCTIONS
+            .iter()
+            .copied()
+            .filter(|f| !ids(&btf, f).is_empty())
+            .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         Ok(KernelBtf {
             offsets,
             tracepoints,
+            functions,
         })
     }
 
@@ -56,6 +72,12 @@ impl KernelBtf {
     /// True when the kernel has the BTF-typed tracepoint `name` (one of [`TRACEPOINTS`]).
     pub fn has_tracepoint(&self, name: &str) -> bool {
         self.tracepoints.contains(name)
+    }
+
+    /// True when the kernel's BTF describes the function `name` (one of [`FUNCTIONS`]): fentry
+    /// and fexit programs attach by BTF id.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.functions.contains(name)
     }
 }
 
@@ -82,6 +104,7 @@ fn net_offsets(btf: &Btf) -> anyhow::Result<NetOffsets> {
         tcp_mdev_us: field_offset(btf, "tcp_sock", &["mdev_us"], 4)?,
         tcp_total_retrans: field_offset(btf, "tcp_sock", &["total_retrans"], 4)?,
         net_ns_inum: field_offset(btf, "net", &["ns", "inum"], 4)?,
+        socket_sk: field_offset(btf, "socket", &["sk"], 8)?,
     })
 }
 
@@ -260,6 +283,7 @@ mod tests {
             ("tcp_sock", "mdev_us", offsets.tcp_mdev_us),
             ("tcp_sock", "total_retrans", offsets.tcp_total_retrans),
             ("net", "ns.inum", offsets.net_ns_inum),
+            ("socket", "sk", offsets.socket_sk),
         ];
         let mut program = String::from(
             "#include \"vmlinux.h\"\nint printf(const char *, ...);\nint main(void) {\n",

@@ -41,6 +41,8 @@ impl Probe {
 #[derive(Debug, Clone)]
 pub struct KernelFeatures {
     pub release: String,
+    /// Where tracefs is mounted, if it is.
+    pub tracefs_path: Option<PathBuf>,
     pub btf: Probe,
     pub tracefs: Probe,
     pub tracepoints: Probe,
@@ -91,6 +93,7 @@ impl KernelFeatures {
         let perf_event_array = map_probe(MapType::PerfEventArray, "perf event array");
         Self {
             release,
+            tracefs_path: tracefs.map(Path::to_path_buf),
             btf,
             tracefs: tracefs_probe,
             tracepoints,
@@ -115,6 +118,43 @@ impl KernelFeatures {
             ("perf event array", &self.perf_event_array),
         ]
     }
+}
+
+/// Byte offsets of `fields` in the records of the classic tracepoint `<group>/<event>`, from its
+/// `format` file in tracefs (lines like `field:const void * skaddr;\toffset:8;\tsize:8;...`).
+pub fn tracepoint_field_offsets(
+    tracefs: &Path,
+    group: &str,
+    event: &str,
+    fields: &[&str],
+) -> anyhow::Result<Vec<u32>> {
+    let path = tracefs
+        .join("events")
+        .join(group)
+        .join(event)
+        .join("format");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|err| anyhow::anyhow!("reading {}: {err}", path.display()))?;
+    fields
+        .iter()
+        .map(|field| {
+            format_field_offset(&text, field)
+                .ok_or_else(|| anyhow::anyhow!("{} has no field `{field}`", path.display()))
+        })
+        .collect()
+}
+
+fn format_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';');
+        let declaration = parts.next()?.strip_prefix("field:")?;
+        // The name is the declaration's last word, minus any array suffix.
+        let name = declaration.split_whitespace().last()?.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        parts.find_map(|part| part.trim().strip_prefix("offset:")?.parse().ok())
+    })
 }
 
 /// Probes are created through the PMU (`/sys/bus/event_source/devices/<pmu>/type`, kernel 4.17+)
@@ -142,5 +182,32 @@ fn map_probe(map: MapType, what: &str) -> Probe {
             "{what} probe failed: {:#}",
             anyhow::Error::from(err)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sock:inet_sock_set_state` as kernel 6.1 prints it.
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1332
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;
+";
+
+    #[test]
+    fn tracepoint_format_fields() {
+        assert_eq!(format_field_offset(FORMAT, "skaddr"), Some(8));
+        assert_eq!(format_field_offset(FORMAT, "oldstate"), Some(16));
+        assert_eq!(format_field_offset(FORMAT, "newstate"), Some(20));
+        assert_eq!(format_field_offset(FORMAT, "saddr"), Some(32));
+        assert_eq!(format_field_offset(FORMAT, "state"), None);
     }
 }

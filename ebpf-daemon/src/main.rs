@@ -252,8 +252,12 @@ fn start_plugin(
                 choice.tier.name(),
                 choice.reason
             );
-            let collector =
-                plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
+            let collector = plugins::netflow::collector::NetflowCollector::load(
+                config,
+                btf,
+                kernel.features.tracefs_path.as_deref(),
+                &choice,
+            )?;
             tasks.spawn(collector.run(ctx));
             Ok(())
         }

@@ -1,8 +1,17 @@
-//! netflow, tracepoint tier: BTF-typed tracepoints (`tp_btf`) that need neither kprobes nor BPF
-//! trampolines, so they work where both are unavailable (such as this project's CI kernel).
+//! netflow: per-connection counters, fed by one of three attach tiers that count the same calls.
 //!
-//! - `sock_send_length` / `sock_recv_length` (kernel 6.3+): every send and receive on a socket,
-//!   in the calling process's context, with the byte count: bytes and pid.
+//! Sends and receives (bytes and the process doing them):
+//! - tracepoint tier: the BTF-typed tracepoints (`tp_btf`) `sock_send_length` / `sock_recv_length`
+//!   (kernel 6.3+), which need neither kprobes nor BPF trampolines (this project's CI kernel has
+//!   neither);
+//! - fentry tier: fexit on `inet_sendmsg`/`inet6_sendmsg`/`inet_recvmsg`/`inet6_recvmsg`, the
+//!   INET socket layer that `sock_sendmsg`/`sock_recvmsg` call for every TCP and UDP socket, with
+//!   the return value (the byte count) in the same program;
+//! - kprobe tier: the same functions through a kprobe (the socket, kept per thread) and a
+//!   kretprobe (the byte count).
+//!
+//! The others (tp_btf in the tracepoint and fentry tiers, classic tracepoints in the kprobe tier,
+//! which then needs no kernel BTF beyond a `--btf` file):
 //! - `inet_sock_set_state`: the TCP state machine: direction (SYN_SENT→ESTABLISHED is ours,
 //!   SYN_RECV→ESTABLISHED is accepted), connections established while we watch, and CLOSE, where
 //!   the final counters go to userspace through a ring buffer and the map entry is freed.
@@ -33,15 +42,17 @@ mod probe {
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         },
-        macros::{btf_tracepoint, map, tracepoint},
+        macros::{btf_tracepoint, fexit, kprobe, kretprobe, map, tracepoint},
         maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-        programs::{BtfTracePointContext, TracePointContext},
+        programs::{
+            BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext,
+        },
     };
     use ebpf_common::netflow::{
         AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
         ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
         NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets,
-        REFRESH_JIFFIES, UdpFlowKey,
+        REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -61,6 +72,16 @@ mod probe {
         tcp_mdev_us: 0,
         tcp_total_retrans: 0,
         net_ns_inum: 0,
+        socket_sk: 0,
+    };
+
+    /// Filled in by the daemon from tracefs (kprobe tier's classic tracepoints).
+    #[unsafe(no_mangle)]
+    static NET_TP_OFFSETS: TracepointOffsets = TracepointOffsets {
+        state_skaddr: 0,
+        state_oldstate: 0,
+        state_newstate: 0,
+        retransmit_skaddr: 0,
     };
 
     /// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
@@ -177,7 +198,160 @@ mod probe {
 
     #[btf_tracepoint(function = "tcp_retransmit_skb")]
     pub fn netflow_retransmit(ctx: BtfTracePointContext) -> u32 {
-        let sk: *const u8 = ctx.arg(0);
+        on_retransmit(ctx.arg(0));
+        0
+    }
+
+    // ---- fentry tier: fexit on the INET socket layer ----
+    // `int inet_sendmsg(struct socket *, struct msghdr *, size_t)` and
+    // `int inet_recvmsg(struct socket *, struct msghdr *, size_t, int flags)` (same for inet6_*,
+    // unchanged since 4.x). An fexit context holds the arguments, then the return value.
+
+    #[fexit(function = "inet_sendmsg")]
+    pub fn netflow_fexit_inet_send(ctx: FExitContext) -> u32 {
+        fexit_send(&ctx)
+    }
+
+    #[fexit(function = "inet6_sendmsg")]
+    pub fn netflow_fexit_inet6_send(ctx: FExitContext) -> u32 {
+        fexit_send(&ctx)
+    }
+
+    #[fexit(function = "inet_recvmsg")]
+    pub fn netflow_fexit_inet_recv(ctx: FExitContext) -> u32 {
+        fexit_recv(&ctx)
+    }
+
+    #[fexit(function = "inet6_recvmsg")]
+    pub fn netflow_fexit_inet6_recv(ctx: FExitContext) -> u32 {
+        fexit_recv(&ctx)
+    }
+
+    #[inline(always)]
+    fn fexit_send(ctx: &FExitContext) -> u32 {
+        // Read as u64 slots: `ctx.ret()` needs bpf_get_func_ret (5.17+); the slot works from 5.5.
+        let ret = ctx.arg::<u64>(3) as i32;
+        on_socket_io(ctx.arg(0), ret, 0, false);
+        0
+    }
+
+    #[inline(always)]
+    fn fexit_recv(ctx: &FExitContext) -> u32 {
+        let flags = ctx.arg::<u64>(3) as i32;
+        let ret = ctx.arg::<u64>(4) as i32;
+        on_socket_io(ctx.arg(0), 0, ret, flags & MSG_PEEK != 0);
+        0
+    }
+
+    /// A send (`sent` > 0) or receive (`received` > 0) returned by the INET layer on `sock`
+    /// (a `struct socket *`). Errors and zero-length calls are negative or zero.
+    #[inline(always)]
+    fn on_socket_io(sock: *const u8, sent: i32, received: i32, peek: bool) {
+        if peek || (sent <= 0 && received <= 0) {
+            return;
+        }
+        let Ok(sk) = read::<*const u8>(sock, offsets().socket_sk) else {
+            count(NETFLOW_STAT_READ_FAILED);
+            return;
+        };
+        on_io(sk, sent.max(0) as u64, received.max(0) as u64);
+    }
+
+    // ---- kprobe tier: kprobe + kretprobe on the same functions ----
+
+    /// The socket (and receive flags) of a thread's pending inet_*msg call, for its kretprobe.
+    #[map]
+    static INET_CALLS: LruHashMap<u64, InetCall> = LruHashMap::with_max_entries(16_384, 0);
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct InetCall {
+        sock: u64,
+        flags: u64,
+    }
+
+    #[kprobe]
+    pub fn netflow_kprobe_send(ctx: ProbeContext) -> u32 {
+        kprobe_enter(ctx.arg::<u64>(0).unwrap_or(0), 0);
+        0
+    }
+
+    #[kprobe]
+    pub fn netflow_kprobe_recv(ctx: ProbeContext) -> u32 {
+        let flags = ctx.arg::<u64>(3).unwrap_or(0);
+        kprobe_enter(ctx.arg::<u64>(0).unwrap_or(0), flags);
+        0
+    }
+
+    fn kprobe_enter(sock: u64, flags: u64) {
+        if sock != 0 {
+            let call = InetCall { sock, flags };
+            let _ = INET_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+        }
+    }
+
+    #[kretprobe]
+    pub fn netflow_kretprobe_send(ctx: RetProbeContext) -> u32 {
+        if let Some(call) = kprobe_exit() {
+            on_socket_io(call.sock as *const u8, ctx.ret::<u64>() as i32, 0, false);
+        }
+        0
+    }
+
+    #[kretprobe]
+    pub fn netflow_kretprobe_recv(ctx: RetProbeContext) -> u32 {
+        if let Some(call) = kprobe_exit() {
+            let peek = call.flags as i32 & MSG_PEEK != 0;
+            on_socket_io(call.sock as *const u8, 0, ctx.ret::<u64>() as i32, peek);
+        }
+        0
+    }
+
+    fn kprobe_exit() -> Option<InetCall> {
+        let thread = bpf_get_current_pid_tgid();
+        // SAFETY: a copy out of this thread's entry.
+        let call = unsafe { INET_CALLS.get(&thread) }.copied()?;
+        let _ = INET_CALLS.remove(&thread);
+        Some(call)
+    }
+
+    /// `sock:inet_sock_set_state`, classic tracepoint (kprobe tier).
+    #[tracepoint]
+    pub fn netflow_tp_state(ctx: TracePointContext) -> u32 {
+        // SAFETY: a read of our own read-only global; volatile so the loader's value is used.
+        let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
+        // SAFETY: offsets from this tracepoint's format file; reads are bounds-checked.
+        let fields = unsafe {
+            (
+                ctx.read_at::<u64>(off.state_skaddr as usize),
+                ctx.read_at::<i32>(off.state_oldstate as usize),
+                ctx.read_at::<i32>(off.state_newstate as usize),
+            )
+        };
+        match fields {
+            (Ok(sk), Ok(old), Ok(new)) => {
+                if on_state(sk as *const u8, old, new).is_err() {
+                    count(NETFLOW_STAT_READ_FAILED);
+                }
+            }
+            _ => count(NETFLOW_STAT_READ_FAILED),
+        }
+        0
+    }
+
+    /// `tcp:tcp_retransmit_skb`, classic tracepoint (kprobe tier).
+    #[tracepoint]
+    pub fn netflow_tp_retransmit(ctx: TracePointContext) -> u32 {
+        // SAFETY: as in netflow_tp_state.
+        let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
+        match unsafe { ctx.read_at::<u64>(off.retransmit_skaddr as usize) } {
+            Ok(sk) => on_retransmit(sk as *const u8),
+            Err(_) => count(NETFLOW_STAT_READ_FAILED),
+        }
+        0
+    }
+
+    fn on_retransmit(sk: *const u8) {
         let key = sk as u64;
         if let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) {
             // This fires before the kernel adds this retransmission to total_retrans (and, on
@@ -188,11 +362,16 @@ mod probe {
                 unsafe { raise(&mut (*info).retransmits, total) };
             }
         }
-        0
     }
 
     /// Adds to a counter that several CPUs may update at once (two threads on one socket).
+    /// Adding zero is skipped: LLVM turns an atomic add of a known 0 into an atomic OR, which
+    /// kernels before 5.12 reject ("BPF_STX uses reserved fields").
+    #[inline(always)]
     fn add(field: &mut u64, n: u64) {
+        if n == 0 {
+            return;
+        }
         // SAFETY: an aligned u64 inside a map value.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
     }

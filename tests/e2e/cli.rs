@@ -113,6 +113,11 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         "{bash_line}"
     );
 
+    // The rest is about this project's host kernel, which has neither kprobes nor trampolines
+    // (the kernel matrix checks the tier choice on kernels that have them).
+    if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        return;
+    }
     // netflow's tracepoint tier runs on this host kernel.
     let (code, stdout, _) = run(&["check", "--enabled", "ebpf-bash,ebpf-net"]);
     assert_eq!(code, 0, "{stdout}");
@@ -125,7 +130,7 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         "{net_line}"
     );
 
-    // A forced tier this build or kernel lacks: cannot run, says why, exit 1.
+    // A forced tier this kernel lacks (no kprobes here): cannot run, says why, exit 1.
     let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
     assert_eq!(code, 1, "{stdout}");
     let net_line = stdout
@@ -133,7 +138,7 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         .find(|l| l.trim_start().starts_with("ebpf-net"))
         .unwrap();
     assert!(
-        net_line.contains("cannot run") && net_line.contains("kprobe: not built yet"),
+        net_line.contains("cannot run") && net_line.contains("kprobe: no kprobes"),
         "{net_line}"
     );
 }

@@ -3,19 +3,19 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
     CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
-    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, UDP_FLOWS_MAP,
-    UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
+    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP,
+    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -59,12 +59,45 @@ const LOSSES: &[(u32, &str)] = &[
     ),
 ];
 
-/// (program, BTF tracepoint) pairs of the tracepoint tier.
-const TRACEPOINT_PROGRAMS: [(&str, &str); 4] = [
+/// (program, BTF tracepoint) of the tracepoint tier's sends and receives.
+const TP_BTF_IO: [(&str, &str); 2] = [
     ("netflow_send", "sock_send_length"),
     ("netflow_recv", "sock_recv_length"),
+];
+
+/// (program, BTF tracepoint) of TCP state changes and retransmits: tracepoint and fentry tiers.
+const TP_BTF_TCP: [(&str, &str); 2] = [
     ("netflow_state", "inet_sock_set_state"),
     ("netflow_retransmit", "tcp_retransmit_skb"),
+];
+
+/// (program, kernel function) of the fentry tier: fexit on the INET socket layer. The IPv6
+/// functions may be absent (IPv6 built as a module that is not loaded): IPv6 is then not counted.
+const FEXIT_IO: [(&str, &str); 4] = [
+    ("netflow_fexit_inet_send", "inet_sendmsg"),
+    ("netflow_fexit_inet_recv", "inet_recvmsg"),
+    ("netflow_fexit_inet6_send", "inet6_sendmsg"),
+    ("netflow_fexit_inet6_recv", "inet6_recvmsg"),
+];
+
+/// (kprobe, kretprobe, kernel functions) of the kprobe tier.
+const KPROBE_IO: [(&str, &str, [&str; 2]); 2] = [
+    (
+        "netflow_kprobe_send",
+        "netflow_kretprobe_send",
+        ["inet_sendmsg", "inet6_sendmsg"],
+    ),
+    (
+        "netflow_kprobe_recv",
+        "netflow_kretprobe_recv",
+        ["inet_recvmsg", "inet6_recvmsg"],
+    ),
+];
+
+/// (program, group, event) of the kprobe tier's classic tracepoints.
+const CLASSIC_TCP: [(&str, &str, &str); 2] = [
+    ("netflow_tp_state", "sock", "inet_sock_set_state"),
+    ("netflow_tp_retransmit", "tcp", "tcp_retransmit_skb"),
 ];
 
 /// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
@@ -99,10 +132,12 @@ pub fn choose_tier(
 ) -> Result<TierChoice, String> {
     let mut notes = Vec::new();
     let candidates: &[NetflowTier] = match forced {
+        // Tracepoints before kprobes: a tp_btf program costs less than a kprobe/kretprobe pair
+        // and counts the same calls.
         NetflowTier::Auto => &[
             NetflowTier::Fentry,
-            NetflowTier::Kprobe,
             NetflowTier::Tracepoint,
+            NetflowTier::Kprobe,
         ],
         NetflowTier::Fentry => &[NetflowTier::Fentry],
         NetflowTier::Kprobe => &[NetflowTier::Kprobe],
@@ -130,40 +165,68 @@ fn tier_support(
     features: &KernelFeatures,
     btf: Result<&KernelBtf, &str>,
 ) -> Result<String, String> {
+    // Every tier hands closed connections over through the ring buffer.
+    if !features.ringbuf.available {
+        return Err("needs the BPF ring buffer (5.8+)".into());
+    }
+    let missing_tp_btf = |btf: &KernelBtf, wanted: &[(&str, &str)]| -> Vec<String> {
+        wanted
+            .iter()
+            .filter(|(_, tp)| !btf.has_tracepoint(tp))
+            .map(|(_, tp)| tp.to_string())
+            .collect()
+    };
     match tier {
         NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
-        // Planned tiers: same accounting from tcp_sendmsg/tcp_cleanup_rbuf/udp_* hooks.
-        NetflowTier::Fentry => Err(format!(
-            "not built yet (kernel: {})",
-            if features.fentry.available {
-                "trampolines available"
-            } else {
-                "no trampolines"
+        NetflowTier::Fentry => {
+            if !features.fentry.available {
+                return Err(format!("no BPF trampolines ({})", features.fentry.detail));
             }
-        )),
-        NetflowTier::Kprobe => Err(format!(
-            "not built yet (kernel: {})",
-            if features.kprobes.available {
-                "kprobes available"
-            } else {
-                "no kprobes"
+            let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
+            let mut missing: Vec<String> = ["inet_sendmsg", "inet_recvmsg"]
+                .into_iter()
+                .filter(|f| !btf.has_function(f))
+                .map(str::to_string)
+                .collect();
+            missing.extend(missing_tp_btf(btf, &TP_BTF_TCP));
+            if !missing.is_empty() {
+                return Err(format!("kernel BTF lacks {}", missing.join(", ")));
             }
-        )),
+            Ok("fexit inet_sendmsg/inet_recvmsg (and inet6_*), tp_btf inet_sock_set_state, tcp_retransmit_skb".into())
+        }
+        NetflowTier::Kprobe => {
+            if !features.kprobes.available {
+                return Err(format!("no kprobes ({})", features.kprobes.detail));
+            }
+            let Some(tracefs) = &features.tracefs_path else {
+                return Err("needs tracefs for its classic tracepoints".into());
+            };
+            btf.map_err(|why| format!("needs BTF for struct offsets: {why}"))?;
+            let missing: Vec<String> = CLASSIC_TCP
+                .iter()
+                .filter(|(_, group, event)| {
+                    !tracefs.join("events").join(group).join(event).exists()
+                })
+                .map(|(_, group, event)| format!("{group}/{event}"))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "kernel lacks the tracepoints {}",
+                    missing.join(", ")
+                ));
+            }
+            Ok("kprobe+kretprobe inet_sendmsg/inet_recvmsg (and inet6_*), tracepoints sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
+        }
         NetflowTier::Tracepoint => {
             let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
-            let missing: Vec<&str> = TRACEPOINT_PROGRAMS
-                .iter()
-                .map(|(_, tp)| *tp)
-                .filter(|tp| !btf.has_tracepoint(tp))
-                .collect();
+            let mut wanted = TP_BTF_IO.to_vec();
+            wanted.extend(TP_BTF_TCP);
+            let missing = missing_tp_btf(btf, &wanted);
             if !missing.is_empty() {
                 return Err(format!(
                     "kernel lacks the BTF tracepoints {} (sock_send_length/sock_recv_length need 6.3+)",
                     missing.join(", ")
                 ));
-            }
-            if !features.ringbuf.available {
-                return Err("needs the BPF ring buffer (5.8+)".into());
             }
             Ok("tp_btf sock_send_length, sock_recv_length, inet_sock_set_state, tcp_retransmit_skb".into())
         }
@@ -185,15 +248,13 @@ impl NetflowCollector {
     pub fn load(
         config: &Config,
         kernel_btf: &KernelBtf,
+        tracefs: Option<&Path>,
         tier: &TierChoice,
     ) -> anyhow::Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
             );
-        }
-        if tier.tier != NetflowTier::Tracepoint {
-            bail!("the {} tier is not built yet", tier.tier.name());
         }
         let offsets = kernel_btf
             .net_offsets()
@@ -204,9 +265,14 @@ impl NetflowCollector {
                 .with_context(|| format!("parsing BTF file {}", path.display()))?,
             None => Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?,
         };
+        let tp_offsets = match tier.tier {
+            NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs)?,
+            _ => TracepointOffsets::default(),
+        };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
             .override_global(
                 UDP_UNCONNECTED_GLOBAL,
                 &u32::from(config.netflow_udp_unconnected),
@@ -216,18 +282,7 @@ impl NetflowCollector {
             .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
             .load(OBJECT)
             .context("loading the netflow object")?;
-        for (name, tracepoint) in TRACEPOINT_PROGRAMS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program
-                .load(tracepoint, &btf)
-                .with_context(|| format!("loading {name} for tp_btf/{tracepoint}"))?;
-            program
-                .attach()
-                .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
-        }
+        attach_tier(&mut ebpf, tier.tier, &btf)?;
         // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
         // each, measured by `cargo xtask bench`): only when asked for.
         let syscall_programs: &[_] = if config.netflow_udp_unconnected {
@@ -358,6 +413,105 @@ impl NetflowCollector {
             ctx.sender.submit(DESTINATION, output.points);
         }
     }
+}
+
+/// Loads and attaches the programs of `tier` (the syscall tracepoints for unconnected UDP are
+/// attached separately: every tier uses them).
+fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: &Btf) -> anyhow::Result<()> {
+    let mut tp_btf = Vec::new();
+    match tier {
+        NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
+        NetflowTier::Tracepoint => {
+            tp_btf.extend(TP_BTF_IO);
+            tp_btf.extend(TP_BTF_TCP);
+        }
+        NetflowTier::Fentry => {
+            for (name, function) in FEXIT_IO {
+                let program: &mut FExit = program_as(ebpf, name)?;
+                let attached = program
+                    .load(function, btf)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| Ok(program.attach()?));
+                match attached {
+                    Ok(_) => {}
+                    // inet6_* are missing when IPv6 is a module that is not loaded.
+                    Err(err) if function.starts_with("inet6_") => {
+                        warn!("netflow: IPv6 not counted: fexit/{function}: {err:#}")
+                    }
+                    Err(err) => return Err(err.context(format!("fexit/{function} ({name})"))),
+                }
+            }
+            tp_btf.extend(TP_BTF_TCP);
+        }
+        NetflowTier::Kprobe => {
+            for (entry, exit, functions) in KPROBE_IO {
+                for (name, is_return) in [(entry, false), (exit, true)] {
+                    let program: &mut KProbe = program_as(ebpf, name)?;
+                    program.load().with_context(|| format!("loading {name}"))?;
+                    for function in functions {
+                        let kind = if is_return { "kretprobe" } else { "kprobe" };
+                        match program.attach(function, 0) {
+                            Ok(_) => {}
+                            Err(err) if function.starts_with("inet6_") => {
+                                warn!("netflow: IPv6 not counted: {kind}/{function}: {err}")
+                            }
+                            Err(err) => {
+                                return Err(anyhow::Error::from(err)
+                                    .context(format!("attaching {name} to {kind}/{function}")));
+                            }
+                        }
+                    }
+                }
+            }
+            for (name, group, event) in CLASSIC_TCP {
+                let program: &mut TracePoint = program_as(ebpf, name)?;
+                program.load().with_context(|| format!("loading {name}"))?;
+                program
+                    .attach(group, event)
+                    .with_context(|| format!("attaching {name} to {group}/{event}"))?;
+            }
+        }
+    }
+    for (name, tracepoint) in tp_btf {
+        let program: &mut BtfTracePoint = program_as(ebpf, name)?;
+        program
+            .load(tracepoint, btf)
+            .with_context(|| format!("loading {name} for tp_btf/{tracepoint}"))?;
+        program
+            .attach()
+            .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
+    }
+    Ok(())
+}
+
+/// The program `name` of the object, as program type `T`.
+fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?;
+    Ok(program.try_into()?)
+}
+
+/// Field offsets of the kprobe tier's classic tracepoints, from their tracefs format files.
+fn classic_tracepoint_offsets(tracefs: Option<&Path>) -> anyhow::Result<TracepointOffsets> {
+    let tracefs = tracefs.context("the kprobe tier needs tracefs for its tracepoints")?;
+    let state = crate::kernel::tracepoint_field_offsets(
+        tracefs,
+        "sock",
+        "inet_sock_set_state",
+        &["skaddr", "oldstate", "newstate"],
+    )?;
+    let retransmit =
+        crate::kernel::tracepoint_field_offsets(tracefs, "tcp", "tcp_retransmit_skb", &["skaddr"])?;
+    Ok(TracepointOffsets {
+        state_skaddr: state[0],
+        state_oldstate: state[1],
+        state_newstate: state[2],
+        retransmit_skaddr: retransmit[0],
+    })
 }
 
 /// An id for a UDP flow among the socket ids: a hash of socket and peer, with the low bit set to
