@@ -252,9 +252,22 @@ fn start_plugin(
                 choice.tier.name(),
                 choice.reason
             );
+            // Shared: dnsflow learns names from DNS answers, netflow tags rows with them.
+            let domains = Arc::new(plugins::dnsflow::domains::DomainCache::new(
+                plugins::dnsflow::MAX_DOMAINS,
+                2 * config.interval.as_nanos() as u64,
+            ));
             let collector =
-                plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
-            tasks.spawn(collector.run(ctx));
+                plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?
+                    .with_domains(domains.clone());
+            tasks.spawn(collector.run(ctx.clone()));
+            // dnsflow failing leaves netflow running (and says why).
+            match plugins::dnsflow::DnsflowCollector::load(config, domains) {
+                Ok(dnsflow) => {
+                    tasks.spawn(dnsflow.run(ctx));
+                }
+                Err(err) => error!("dnsflow: failed to start: {err:#}"),
+            }
             Ok(())
         }
         other => anyhow::bail!("{} is not supported", other.name()),

@@ -1,5 +1,6 @@
 //! ebpf-net's `netflow`: per-connection TCP and UDP bytes, retransmits, RTT, connections opened
-//! and closed, by process and direction. (dnsflow and httpflow are not implemented yet.)
+//! and closed, by process and direction. ebpf-net's `dnsflow` is in plugins/dnsflow; httpflow is
+//! not implemented yet.
 
 pub mod aggregate;
 pub mod collector;
@@ -13,7 +14,7 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
     if let Err(why) = &choice {
         missing.push(format!("netflow: no usable tier ({why})"));
     }
-    if collector::object_is_empty() {
+    if collector::object_is_empty() || super::dnsflow::object_is_empty() {
         missing.push(
             "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
                 .into(),
@@ -23,11 +24,11 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
         Ok(choice) if missing.is_empty() => Availability {
             can_run: true,
             mechanism: format!(
-                "netflow at the {} tier ({})",
+                "netflow at the {} tier ({}); dnsflow by a socket filter on a packet socket",
                 choice.tier.name(),
                 choice.reason
             ),
-            reason: "dnsflow and httpflow are not implemented yet".into(),
+            reason: "httpflow is not implemented yet".into(),
         },
         _ => Availability {
             can_run: false,
