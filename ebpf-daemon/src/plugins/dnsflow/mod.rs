@@ -8,6 +8,8 @@
 pub mod aggregate;
 pub mod capture;
 pub mod domains;
+#[cfg(test)]
+mod fuzz;
 pub mod matcher;
 pub mod parse;
 pub mod tcp;
