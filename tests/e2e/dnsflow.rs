@@ -601,6 +601,9 @@ fn nxdomain_servfail_and_unanswered() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains("status:"));
+    // Not DNS at all, to port 53: counted and skipped, no row.
+    let junk = UdpSocket::bind((lab.root_v4, 0)).unwrap();
+    junk.send_to(b"hello", (lab.ns_v4, 53)).unwrap();
 
     let (r4, n4, s4) = (
         IpAddr::from(lab.root_v4),
@@ -627,6 +630,13 @@ fn nxdomain_servfail_and_unanswered() {
     // Still exactly one after more intervals.
     thread::sleep(SETTLE);
     assert_eq!(count(&rows_of(&datakit.points(), r4, s4, "udp", -1)), 1);
+    assert!(
+        daemon
+            .log_text()
+            .contains("dnsflow: 1 DNS messages skipped: malformed"),
+        "{}",
+        daemon.log_text()
+    );
     assert!(daemon.terminate().success());
 }
 

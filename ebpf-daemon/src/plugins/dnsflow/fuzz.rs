@@ -150,8 +150,9 @@ proptest! {
     }
 }
 
-/// Rows of a replayed capture: (transport, rcode, count), sorted.
-fn replay(dir: &Path) -> (Vec<(String, i64, i64)>, super::Counters) {
+/// Rows of a replayed capture: (transport, rcode, count), sorted. `copies`: how many times each
+/// packet is seen (2: as on a veth and then on the bridge it is plugged into).
+fn replay(dir: &Path, copies: u64) -> (Vec<(String, i64, i64)>, super::Counters) {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -160,7 +161,10 @@ fn replay(dir: &Path) -> (Vec<(String, i64, i64)>, super::Counters) {
     files.sort();
     let mut p = pipeline();
     for (i, file) in files.iter().enumerate() {
-        p.packet(&std::fs::read(file).unwrap(), 1_000_000 * (i as u64 + 1));
+        let bytes = std::fs::read(file).unwrap();
+        for copy in 0..copies {
+            p.packet(&bytes, 1_000_000 * (i as u64 + 1) + copy * 1000);
+        }
     }
     let points = p.interval(u64::MAX / 2, &GlobalTags::from_pairs(&[]), 0);
     let mut rows: Vec<(String, i64, i64)> = points
@@ -194,13 +198,15 @@ fn captured_corpus_replays_to_the_expected_rows() {
         ("tcp-glibc-pair", tcp(0, 2)),
     ];
     for (name, want) in cases {
-        let (rows, counters) = replay(&corpus.join(name));
-        assert_eq!(rows, want, "{name}");
-        assert_eq!(
-            (counters.malformed_packets, counters.malformed_dns),
-            (0, 0),
-            "{name}"
-        );
+        for copies in [1, 2] {
+            let (rows, counters) = replay(&corpus.join(name), copies);
+            assert_eq!(rows, want, "{name}, each packet seen {copies} times");
+            assert_eq!(
+                (counters.malformed_packets, counters.malformed_dns),
+                (0, 0),
+                "{name}"
+            );
+        }
     }
 }
 
