@@ -46,10 +46,11 @@ pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
             } else {
                 String::new()
             },
-            if availability.can_run {
-                String::new()
-            } else {
-                availability.reason
+            match (availability.can_run, availability.reason.is_empty()) {
+                (true, true) => String::new(),
+                // Some parts run, some cannot (ebpf-net on a kernel netflow cannot use, say).
+                (true, false) => format!("; not running: {}", availability.reason),
+                (false, _) => availability.reason,
             },
         );
     }

@@ -119,6 +119,12 @@ pub struct CliArgs {
     /// Report loopback connections in netflow (left out by default, as the reference does)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_include_loopback: Option<bool>,
+    /// dnsflow: a query unanswered this long is reported once with rcode=-1 [default: 6s]
+    #[arg(long, value_name = "DURATION")]
+    pub dnsflow_timeout: Option<String>,
+    /// dnsflow reporting interval (at least --min-interval, or 30s if that is lower) [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub dnsflow_interval: Option<String>,
 
     // --- Accepted for compatibility, not implemented (a warning names them) ---
     #[arg(long, hide = true)]

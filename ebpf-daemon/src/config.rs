@@ -198,6 +198,10 @@ pub struct Config {
     /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
     /// every send and receive call, hence off by default).
     pub netflow_udp_unconnected: bool,
+    /// dnsflow: a query unanswered this long is reported with `rcode = -1`.
+    pub dnsflow_timeout: Duration,
+    /// dnsflow's reporting interval (the reference's is a fixed 30 s, whatever `interval`).
+    pub dnsflow_interval: Duration,
     /// Accepted, not served.
     pub pprof_host: Option<String>,
     pub pprof_port: Option<String>,
@@ -348,6 +352,8 @@ struct Layer {
     netflow_max_conns: Option<usize>,
     netflow_include_loopback: Option<bool>,
     netflow_udp_unconnected: Option<bool>,
+    dnsflow_timeout: Option<Duration>,
+    dnsflow_interval: Option<Duration>,
     pprof_host: Option<String>,
     pprof_port: Option<String>,
     host_root: Option<PathBuf>,
@@ -392,6 +398,8 @@ impl Layer {
             netflow_udp_unconnected: higher
                 .netflow_udp_unconnected
                 .or(self.netflow_udp_unconnected),
+            dnsflow_timeout: higher.dnsflow_timeout.or(self.dnsflow_timeout),
+            dnsflow_interval: higher.dnsflow_interval.or(self.dnsflow_interval),
             pprof_host: higher.pprof_host.or(self.pprof_host),
             pprof_port: higher.pprof_port.or(self.pprof_port),
             host_root: higher.host_root.or(self.host_root),
@@ -463,6 +471,17 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
         ));
         interval = min_interval;
     }
+    let mut dnsflow_interval = m.dnsflow_interval.unwrap_or(DEFAULT_DNSFLOW_INTERVAL);
+    if dnsflow_interval < min_interval.min(DEFAULT_DNSFLOW_INTERVAL) {
+        let floor = min_interval.min(DEFAULT_DNSFLOW_INTERVAL);
+        warnings.push(format!(
+            "dnsflow_interval {} is below the minimum {}; using {}",
+            fmt_duration(dnsflow_interval),
+            fmt_duration(floor),
+            fmt_duration(floor)
+        ));
+        dnsflow_interval = floor;
+    }
 
     let enabled = m.enabled.unwrap_or_else(|| vec![Plugin::Net]);
     let missing: Vec<&str> = enabled
@@ -519,6 +538,8 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
         netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
+        dnsflow_timeout: m.dnsflow_timeout.unwrap_or(DEFAULT_DNSFLOW_TIMEOUT),
+        dnsflow_interval,
         pprof_host: m.pprof_host,
         pprof_port: m.pprof_port,
         k8s: K8sConfig {
@@ -831,6 +852,22 @@ fn check_port(n: i64) -> Result<Option<u16>, String> {
         .map_err(|_| format!("must be between 0 and 65535, found {n}"))
 }
 
+/// The reference's `DNSTIMEOUT`.
+const DEFAULT_DNSFLOW_TIMEOUT: Duration = Duration::from_secs(6);
+/// The reference's fixed dnsflow flush period.
+const DEFAULT_DNSFLOW_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Between 100 ms and 10 minutes: a query is held in memory until answered or timed out.
+fn check_dnsflow_timeout(d: Duration) -> Result<Duration, String> {
+    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+        return Err(format!(
+            "must be between 100ms and 10m, found {}",
+            fmt_duration(d)
+        ));
+    }
+    Ok(d)
+}
+
 fn check_min_interval(d: Duration) -> Result<Duration, String> {
     if d < Duration::from_secs(1) {
         return Err(format!("must be at least 1s, found {}", fmt_duration(d)));
@@ -925,6 +962,16 @@ fn layer_from_cli(
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
     l.netflow_udp_unconnected = a.netflow_udp_unconnected;
+    if let Some(s) = &a.dnsflow_timeout {
+        l.dnsflow_timeout = Some(
+            parse_duration(s)
+                .and_then(check_dnsflow_timeout)
+                .map_err(at("--dnsflow-timeout"))?,
+        );
+    }
+    if let Some(s) = &a.dnsflow_interval {
+        l.dnsflow_interval = Some(parse_duration(s).map_err(at("--dnsflow-interval"))?);
+    }
     if !a.bash_path.is_empty() {
         l.bash_paths = Some(a.bash_path.clone());
     }
@@ -1124,6 +1171,8 @@ const FILE_KEYS: &[&str] = &[
     "netflow_max_conns",
     "netflow_include_loopback",
     "netflow_udp_unconnected",
+    "dnsflow_timeout",
+    "dnsflow_interval",
 ];
 
 /// The file's three layers, lowest first: `envs`, `args`, keys.
@@ -1503,6 +1552,10 @@ fn parse_ebpf_table(
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
             "netflow_udp_unconnected" => l.netflow_udp_unconnected = Some(cx.boolean(key, v)?),
+            "dnsflow_timeout" => {
+                l.dnsflow_timeout = Some(check_dnsflow_timeout(cx.duration(key, v)?).map_err(at)?)
+            }
+            "dnsflow_interval" => l.dnsflow_interval = Some(cx.duration(key, v)?),
             "bash_paths" => {
                 let paths: Vec<PathBuf> = cx
                     .strings(key, v)?
@@ -1919,6 +1972,48 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "command line: `--log-level`: invalid log level `loud`; valid levels are: trace, debug, info, warn, error"
+        );
+    }
+
+    #[test]
+    fn dnsflow_options() {
+        let c = cfg(&["x", "run"]);
+        assert_eq!(
+            (c.dnsflow_timeout, c.dnsflow_interval),
+            (Duration::from_secs(6), Duration::from_secs(30))
+        );
+        let c = cfg(&[
+            "x",
+            "run",
+            "--min-interval",
+            "1s",
+            "--dnsflow-interval",
+            "2s",
+            "--dnsflow-timeout",
+            "1500ms",
+        ]);
+        assert_eq!(
+            (c.dnsflow_timeout, c.dnsflow_interval),
+            (Duration::from_millis(1500), Duration::from_secs(2))
+        );
+        let c = cfg(&["x", "run", "--dnsflow-interval", "2s"]);
+        assert_eq!(c.dnsflow_interval, Duration::from_secs(30));
+        assert_eq!(
+            c.warnings,
+            ["dnsflow_interval 2s is below the minimum 30s; using 30s"]
+        );
+        let err = cfg_env(&["x", "run", "--dnsflow-timeout", "1h"], &[]).unwrap_err();
+        assert!(err.to_string().contains("--dnsflow-timeout"), "{err}");
+        let c = file_cfg(
+            "dnsflow.conf",
+            "[[inputs.ebpf]]\ndnsflow_timeout = \"3s\"\ndnsflow_interval = \"45s\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.dnsflow_timeout, c.dnsflow_interval),
+            (Duration::from_secs(3), Duration::from_secs(45))
         );
     }
 

@@ -237,30 +237,7 @@ fn start_plugin(
             tasks.spawn(collector.run(ctx));
             Ok(())
         }
-        Plugin::Net => {
-            let btf = kernel
-                .btf()
-                .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
-            let choice = plugins::netflow::collector::choose_tier(
-                &kernel.features,
-                Ok(btf),
-                config.netflow_tier,
-            )
-            .map_err(|why| anyhow::anyhow!("netflow: no usable tier: {why}"))?;
-            info!(
-                "netflow: {} tier chosen: {}",
-                choice.tier.name(),
-                choice.reason
-            );
-            let collector = plugins::netflow::collector::NetflowCollector::load(
-                config,
-                btf,
-                kernel.features.tracefs_path.as_deref(),
-                &choice,
-            )?;
-            tasks.spawn(collector.run(ctx));
-            Ok(())
-        }
+        Plugin::Net => plugins::net::start(config, kernel, ctx, tasks),
         other => anyhow::bail!("{} is not supported", other.name()),
     }
 }

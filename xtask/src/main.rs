@@ -34,6 +34,10 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux", // `mount -t tracefs` in the lifecycle test
     "python3", // the bench's 10,000-connection server
     "gcc",     // offsetof check of the BTF-derived offsets (btf unit test)
+    // The dnsflow tests' DNS server; the -base package is the binary without a system service
+    // that would take port 53.
+    "dnsmasq-base",
+    "bind9-dnsutils", // `dig`, the dnsflow tests' client
 ];
 
 #[derive(Parser)]

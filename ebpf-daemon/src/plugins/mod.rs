@@ -1,7 +1,9 @@
 //! The plugins (`--enabled`): what each needs from the kernel, and what they share.
 
 pub mod bash;
+pub mod dnsflow;
 mod losses;
+pub mod net;
 pub mod netflow;
 
 use std::{sync::Arc, time::Duration};
@@ -93,7 +95,7 @@ pub fn availability(
     use crate::config::Plugin;
     match plugin {
         Plugin::Bash => bash::availability(&kernel.features, config),
-        Plugin::Net => netflow::availability(kernel, config),
+        Plugin::Net => net::availability(kernel, config),
         other => Availability {
             can_run: false,
             mechanism: "-".into(),

@@ -45,6 +45,8 @@ pub trait Resolver {
     /// True when `port` is a listening TCP port (or a bound, unconnected UDP port) in `pid`'s
     /// network namespace: the direction of connections whose handshake we did not see.
     fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool;
+    /// The domain name DNS answers gave for `ip` (dnsflow's cache), if any.
+    fn domain(&mut self, ip: IpAddr) -> Option<String>;
 }
 
 /// Counts of one interval, for the daemon's debug log and tests.
@@ -207,6 +209,7 @@ impl Tracker {
             stats.filtered += 1;
             return;
         };
+        key.dst_domain = resolver.domain(key.dst_ip);
         key.process_name = if info.pid == 0 {
             String::new()
         } else {
@@ -274,6 +277,7 @@ impl Tracker {
             pid: info.pid,
             process_name: String::new(),
             netns: info.netns,
+            dst_domain: None,
         })
     }
 }
@@ -320,6 +324,8 @@ struct RowKey {
     pid: u32,
     process_name: String,
     netns: u32,
+    /// Known only when DNS answers named `dst_ip`; never sent empty.
+    dst_domain: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -420,6 +426,10 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
             .tags
             .push(("process_name".into(), key.process_name.clone()));
     }
+    if let Some(domain) = &key.dst_domain {
+        point.tags.push(("dst_domain".into(), domain.clone()));
+        point.tags.push(("server_domain".into(), domain.clone()));
+    }
     if key.transport == "tcp" {
         let count = v.rtt_count.max(1);
         point = point
@@ -452,6 +462,10 @@ mod tests {
             let len = comm.iter().position(|&b| b == 0).unwrap_or(16);
             String::from_utf8_lossy(&comm[..len]).into_owned()
         }
+        fn domain(&mut self, ip: IpAddr) -> Option<String> {
+            (ip == IpAddr::from([10, 0, 0, 3])).then(|| "named.test".to_string())
+        }
+
         fn is_listening(&mut self, _pid: u32, _protocol: u16, port: u16) -> bool {
             self.listening.contains(&port)
         }
@@ -914,6 +928,36 @@ mod tests {
         assert_eq!(t.tracked(), 1);
         assert!(run(&mut t, &[], &[]).is_empty());
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn dst_domain_only_when_known() {
+        let mut t = Tracker::new(options());
+        let mut named = conn(40000, 443, EST_OUT);
+        named.daddr = mapped([10, 0, 0, 3]);
+        named.bytes_sent = 5;
+        let mut unnamed = conn(40001, 443, EST_OUT);
+        unnamed.bytes_sent = 7;
+        let p = run(
+            &mut t,
+            &[
+                ConnSample {
+                    sock: 1,
+                    info: named,
+                },
+                ConnSample {
+                    sock: 2,
+                    info: unnamed,
+                },
+            ],
+            &[],
+        );
+        assert_eq!(p.len(), 2);
+        let row = |ip: &str| p.iter().find(|p| tag(p, "dst_ip") == Some(ip)).unwrap();
+        assert_eq!(tag(row("10.0.0.3"), "dst_domain"), Some("named.test"));
+        assert_eq!(tag(row("10.0.0.3"), "server_domain"), Some("named.test"));
+        assert_eq!(tag(row("10.0.0.2"), "dst_domain"), None);
+        assert_eq!(tag(row("10.0.0.2"), "server_domain"), None);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
+    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
@@ -27,6 +29,7 @@ use crate::{
     config::{Config, NetflowTier},
     kernel::KernelFeatures,
     plugins::PluginContext,
+    plugins::dnsflow::domains::DomainCache,
     plugins::losses::KernelLosses,
     sender::{Category, Destination},
 };
@@ -331,6 +334,12 @@ impl NetflowCollector {
         })
     }
 
+    /// Names remote addresses from dnsflow's cache (`dst_domain`).
+    pub fn with_domains(mut self, domains: Arc<DomainCache>) -> Self {
+        self.resolver.domains = Some(domains);
+        self
+    }
+
     /// Drains closed connections as they come; every interval, reports the rows.
     pub async fn run(mut self, mut ctx: PluginContext) -> anyhow::Result<()> {
         let mut closed: Vec<ClosedConn> = Vec::new();
@@ -542,6 +551,7 @@ struct ProcResolver {
     proc_root: PathBuf,
     listening: StdHashMap<(u32, u16), HashSet<u16>>,
     names: StdHashMap<u32, String>,
+    domains: Option<Arc<DomainCache>>,
 }
 
 impl ProcResolver {
@@ -550,6 +560,7 @@ impl ProcResolver {
             proc_root,
             listening: StdHashMap::new(),
             names: StdHashMap::new(),
+            domains: None,
         }
     }
 
@@ -630,6 +641,10 @@ impl Resolver for ProcResolver {
         let name = self.lookup_name(pid, comm);
         self.names.insert(pid, name.clone());
         name
+    }
+
+    fn domain(&mut self, ip: IpAddr) -> Option<String> {
+        self.domains.as_ref()?.get(ip, clock::monotonic_ns())
     }
 
     fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool {

@@ -1,38 +1,54 @@
 //! ebpf-net's `netflow`: per-connection TCP and UDP bytes, retransmits, RTT, connections opened
-//! and closed, by process and direction. (dnsflow and httpflow are not implemented yet.)
+//! and closed, by process and direction.
 
 pub mod aggregate;
 pub mod collector;
 
-use super::{Availability, Kernel};
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::{Kernel, dnsflow::domains::DomainCache};
 use crate::config::Config;
 
-pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
-    let mut missing = Vec::new();
-    let choice = collector::choose_tier(&kernel.features, kernel.btf(), config.netflow_tier);
-    if let Err(why) = &choice {
-        missing.push(format!("netflow: no usable tier ({why})"));
-    }
+/// The tier netflow would use on this kernel and why, or why it cannot run.
+pub fn availability(kernel: &Kernel, config: &Config) -> Result<String, String> {
     if collector::object_is_empty() {
-        missing.push(
+        return Err(
             "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
                 .into(),
         );
     }
-    match choice {
-        Ok(choice) if missing.is_empty() => Availability {
-            can_run: true,
-            mechanism: format!(
-                "netflow at the {} tier ({})",
-                choice.tier.name(),
-                choice.reason
-            ),
-            reason: "dnsflow and httpflow are not implemented yet".into(),
-        },
-        _ => Availability {
-            can_run: false,
-            mechanism: "-".into(),
-            reason: missing.join("; "),
-        },
-    }
+    let choice = collector::choose_tier(&kernel.features, kernel.btf(), config.netflow_tier)
+        .map_err(|why| format!("no usable tier ({why})"))?;
+    Ok(format!(
+        "at the {} tier ({})",
+        choice.tier.name(),
+        choice.reason
+    ))
+}
+
+/// Chooses the tier, loads and attaches netflow.
+pub fn start(
+    config: &Config,
+    kernel: &Kernel,
+    domains: Arc<DomainCache>,
+) -> anyhow::Result<collector::NetflowCollector> {
+    let btf = kernel
+        .btf()
+        .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
+    let choice = collector::choose_tier(&kernel.features, Ok(btf), config.netflow_tier)
+        .map_err(|why| anyhow::anyhow!("no usable tier: {why}"))?;
+    info!(
+        "netflow: {} tier chosen: {}",
+        choice.tier.name(),
+        choice.reason
+    );
+    Ok(collector::NetflowCollector::load(
+        config,
+        btf,
+        kernel.features.tracefs_path.as_deref(),
+        &choice,
+    )?
+    .with_domains(domains))
 }

@@ -1,0 +1,72 @@
+//! The `ebpf-net` plugin: netflow, dnsflow and httpflow. Each part starts on its own, so one
+//! that cannot run on this kernel (netflow before 6.3 without kprobes or trampolines, say) does
+//! not keep the others from running; the plugin fails only when no part can start.
+
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+use super::{Availability, Kernel, PluginContext, dnsflow, netflow};
+use crate::config::Config;
+
+/// What each part of ebpf-net would run on this kernel, or why it cannot.
+pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
+    let parts = [
+        ("netflow", netflow::availability(kernel, config)),
+        ("dnsflow", dnsflow::availability()),
+    ];
+    let mut running = Vec::new();
+    let mut not_running = Vec::new();
+    for (name, part) in parts {
+        match part {
+            Ok(mechanism) => running.push(format!("{name} {mechanism}")),
+            Err(why) => not_running.push(format!("{name}: {why}")),
+        }
+    }
+    Availability {
+        can_run: !running.is_empty(),
+        mechanism: if running.is_empty() {
+            "-".into()
+        } else {
+            running.join("; ")
+        },
+        reason: not_running.join("; "),
+    }
+}
+
+/// Starts every part that can run; an error only when none could.
+pub fn start(
+    config: &Config,
+    kernel: &Kernel,
+    ctx: PluginContext,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    // Shared: dnsflow learns names from DNS answers, netflow tags rows with them.
+    let domains = Arc::new(dnsflow::domains::DomainCache::new(
+        dnsflow::MAX_DOMAINS,
+        2 * config.interval.as_nanos() as u64,
+    ));
+    let mut failures = Vec::new();
+    match netflow::start(config, kernel, domains.clone()) {
+        Ok(collector) => {
+            tasks.spawn(collector.run(ctx.clone()));
+        }
+        Err(err) => failures.push(format!("netflow: {err:#}")),
+    }
+    match dnsflow::DnsflowCollector::load(config, domains) {
+        Ok(collector) => {
+            info!("dnsflow: capturing DNS through a socket filter");
+            tasks.spawn(collector.run(ctx));
+        }
+        Err(err) => failures.push(format!("dnsflow: {err:#}")),
+    }
+    const PARTS: usize = 2;
+    if failures.len() == PARTS {
+        anyhow::bail!("{}", failures.join("; "));
+    }
+    for failure in failures {
+        error!("ebpf-net: {failure}; its other parts run");
+    }
+    Ok(())
+}
