@@ -7,7 +7,7 @@
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
-use btf_rs::{Btf, Type};
+use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
 use ebpf_common::netflow::NetOffsets;
 
 /// Default location of the kernel's BTF.
@@ -42,18 +42,16 @@ impl KernelBtf {
     /// Parses `path`, or /sys/kernel/btf/vmlinux when None. Errors name the file.
     pub fn load(path: Option<&Path>) -> anyhow::Result<KernelBtf> {
         let path = path.unwrap_or(Path::new(VMLINUX_BTF));
-        let btf = Btf::from_file(path)
-            .map_err(|err| anyhow!("{err}"))
-            .with_context(|| format!("reading BTF from {}", path.display()))?;
+        let btf = parse(path)?;
         let tracepoints = TRACEPOINTS
             .iter()
             .copied()
-            .filter(|tp| !ids(&btf, &format!("btf_trace_{tp}")).is_empty())
+            .filter(|tp| btf.id_of(&format!("btf_trace_{tp}")).is_some())
             .collect();
         let functions = FUNCTIONS
             .iter()
             .copied()
-            .filter(|f| !ids(&btf, f).is_empty())
+            .filter(|f| find(&btf, f, |t| matches!(t, TypeVariant::Func(_))).is_some())
             .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         Ok(KernelBtf {
@@ -81,14 +79,51 @@ impl KernelBtf {
     }
 }
 
-fn ids(btf: &Btf, name: &str) -> Vec<u32> {
-    btf.resolve_ids_by_name(name).unwrap_or_default()
+/// Reads and parses a BTF file (raw BTF, as /sys/kernel/btf/vmlinux).
+fn parse(path: &Path) -> anyhow::Result<TypeInformation> {
+    let data =
+        std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+    TypeInformation::new(&Bytes(data))
+        .map_err(|err| anyhow!("{}", err.message()))
+        .with_context(|| format!("parsing BTF from {}", path.display()))
 }
 
-fn net_offsets(btf: &Btf) -> anyhow::Result<NetOffsets> {
+/// BTF data in memory, as the parser reads it.
+struct Bytes(Vec<u8>);
+
+impl Readable for Bytes {
+    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let source = start
+            .checked_add(buffer.len())
+            .and_then(|end| self.0.get(start..end))
+            .ok_or_else(|| {
+                btfparse::Error::new(btfparse::ErrorKind::EOF, "read past the end of the BTF")
+            })?;
+        buffer.copy_from_slice(source);
+        Ok(())
+    }
+}
+
+/// The id of the type named `name` that `wanted` accepts. Names are not unique in BTF (a struct
+/// and a function may share one, and forward declarations repeat a struct's name), so the
+/// library's name index, which keeps one id per name, is not enough.
+fn find(btf: &TypeInformation, name: &str, wanted: impl Fn(&TypeVariant) -> bool) -> Option<u32> {
+    if let Some(id) = btf.id_of(name)
+        && btf.from_id(id).is_some_and(|t| wanted(&t))
+    {
+        return Some(id);
+    }
+    btf.get()
+        .iter()
+        .find(|(id, t)| wanted(t) && btf.name_of(**id).as_deref() == Some(name))
+        .map(|(id, _)| *id)
+}
+
+fn net_offsets(btf: &TypeInformation) -> anyhow::Result<NetOffsets> {
     // The sock_common fields are read through a `struct sock *`: go through `__sk_common`.
     let common =
-        |field: &str, size: usize| field_offset(btf, "sock", &["__sk_common", field], size);
+        |field: &str, size: usize| field_offset(btf, "sock", &format!("__sk_common.{field}"), size);
     Ok(NetOffsets {
         skc_daddr: common("skc_daddr", 4)?,
         skc_rcv_saddr: common("skc_rcv_saddr", 4)?,
@@ -98,126 +133,42 @@ fn net_offsets(btf: &Btf) -> anyhow::Result<NetOffsets> {
         skc_v6_daddr: common("skc_v6_daddr", 16)?,
         skc_v6_rcv_saddr: common("skc_v6_rcv_saddr", 16)?,
         skc_net: common("skc_net", 8)?,
-        sk_protocol: field_offset(btf, "sock", &["sk_protocol"], 2)?,
-        sk_type: field_offset(btf, "sock", &["sk_type"], 2)?,
-        tcp_srtt_us: field_offset(btf, "tcp_sock", &["srtt_us"], 4)?,
-        tcp_mdev_us: field_offset(btf, "tcp_sock", &["mdev_us"], 4)?,
-        tcp_total_retrans: field_offset(btf, "tcp_sock", &["total_retrans"], 4)?,
-        net_ns_inum: field_offset(btf, "net", &["ns", "inum"], 4)?,
-        socket_sk: field_offset(btf, "socket", &["sk"], 8)?,
+        sk_protocol: field_offset(btf, "sock", "sk_protocol", 2)?,
+        sk_type: field_offset(btf, "sock", "sk_type", 2)?,
+        tcp_srtt_us: field_offset(btf, "tcp_sock", "srtt_us", 4)?,
+        tcp_mdev_us: field_offset(btf, "tcp_sock", "mdev_us", 4)?,
+        tcp_total_retrans: field_offset(btf, "tcp_sock", "total_retrans", 4)?,
+        net_ns_inum: field_offset(btf, "net", "ns.inum", 4)?,
+        socket_sk: field_offset(btf, "socket", "sk", 8)?,
     })
 }
 
-/// Byte offset of `path` (member names, each searched through anonymous structs and unions)
+/// Byte offset of `path` (dotted member names; anonymous structs and unions are looked into)
 /// inside `struct <name>`, checking that the field is `size` bytes and not a bitfield.
-fn field_offset(btf: &Btf, name: &str, path: &[&str], size: usize) -> anyhow::Result<u32> {
-    let what = format!("struct {name}.{}", path.join("."));
-    let mut current = find_struct(btf, name)?;
-    let mut bits: u32 = 0;
-    let mut field_type = None;
-    for (i, member_name) in path.iter().enumerate() {
-        let (member_bits, member, member_type) = find_member(btf, &current, member_name)?
-            .ok_or_else(|| anyhow!("{what}: the kernel's BTF has no member `{member_name}`"))?;
-        if member.bitfield_size().is_some_and(|b| b != 0) {
-            bail!("{what} is a bitfield on this kernel; it cannot be read as a plain field");
+fn field_offset(btf: &TypeInformation, name: &str, path: &str, size: usize) -> anyhow::Result<u32> {
+    let what = format!("struct {name}.{path}");
+    let id = find(
+        btf,
+        name,
+        |t| matches!(t, TypeVariant::Struct(s) if !s.member_list().is_empty()),
+    )
+    .ok_or_else(|| anyhow!("the kernel's BTF has no struct {name}"))?;
+    let (field_type, offset) = btf
+        .offset_of(id, path)
+        .map_err(|err| anyhow!("{what}: {}", err.message()))?;
+    let offset = match offset {
+        Offset::ByteOffset(offset) => offset,
+        Offset::BitOffsetAndSize(..) => {
+            bail!("{what} is a bitfield on this kernel; it cannot be read as a plain field")
         }
-        bits += member_bits;
-        if i + 1 < path.len() {
-            current = match member_type {
-                Type::Struct(s) | Type::Union(s) => s,
-                other => bail!(
-                    "{what}: `{member_name}` is a {}, not a struct",
-                    other.name()
-                ),
-            };
-        } else {
-            field_type = Some(member_type);
-        }
-    }
-    if !bits.is_multiple_of(8) {
-        bail!("{what} is not byte aligned");
-    }
-    let actual = type_size(btf, field_type.as_ref().expect("path is not empty"))?;
+    };
+    let actual = btf
+        .size_of(field_type)
+        .map_err(|err| anyhow!("{what}: {}", err.message()))?;
     if actual != size {
         bail!("{what} is {actual} bytes on this kernel, expected {size}");
     }
-    Ok(bits / 8)
-}
-
-fn find_struct(btf: &Btf, name: &str) -> anyhow::Result<btf_rs::Struct> {
-    btf.resolve_types_by_name(name)
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|t| match t {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })
-        .ok_or_else(|| anyhow!("the kernel's BTF has no struct {name}"))
-}
-
-/// The member `name` of `parent`, looking inside anonymous members: (bit offset from the start
-/// of `parent`, the member, its type with typedefs and qualifiers resolved).
-fn find_member(
-    btf: &Btf,
-    parent: &btf_rs::Struct,
-    name: &str,
-) -> anyhow::Result<Option<(u32, btf_rs::Member, Type)>> {
-    for member in &parent.members {
-        let member_name = btf.resolve_name(member).unwrap_or_default();
-        let member_type = resolve(
-            btf,
-            btf.resolve_chained_type(member)
-                .map_err(|e| anyhow!("{e}"))?,
-        )?;
-        if member_name == name {
-            return Ok(Some((member.bit_offset(), member.clone(), member_type)));
-        }
-        if member_name.is_empty()
-            && let Type::Struct(inner) | Type::Union(inner) = &member_type
-            && let Some((bits, found, found_type)) = find_member(btf, inner, name)?
-        {
-            return Ok(Some((member.bit_offset() + bits, found, found_type)));
-        }
-    }
-    Ok(None)
-}
-
-/// Follows typedefs and qualifiers to the underlying type.
-fn resolve(btf: &Btf, mut t: Type) -> anyhow::Result<Type> {
-    for _ in 0..32 {
-        match &t {
-            Type::Typedef(_)
-            | Type::Volatile(_)
-            | Type::Const(_)
-            | Type::Restrict(_)
-            | Type::TypeTag(_) => {
-                let inner = t.as_btf_type().expect("qualifiers are BTF types");
-                t = btf
-                    .resolve_chained_type(inner)
-                    .map_err(|e| anyhow!("{e}"))?;
-            }
-            _ => return Ok(t),
-        }
-    }
-    bail!("type chain too long")
-}
-
-fn type_size(btf: &Btf, t: &Type) -> anyhow::Result<usize> {
-    Ok(match t {
-        Type::Int(i) => i.size(),
-        Type::Ptr(_) => 8,
-        Type::Struct(s) | Type::Union(s) => s.size(),
-        Type::Enum(e) => e.size(),
-        Type::Enum64(e) => e.size(),
-        Type::Array(a) => {
-            let elem = resolve(
-                btf,
-                btf.resolve_chained_type(a).map_err(|e| anyhow!("{e}"))?,
-            )?;
-            type_size(btf, &elem)? * a.len()
-        }
-        other => bail!("no size for a {}", other.name()),
-    })
+    Ok(offset)
 }
 
 #[cfg(test)]
@@ -226,7 +177,7 @@ mod tests {
 
     use super::*;
 
-    fn kernel_btf() -> Option<Btf> {
+    fn kernel_btf() -> Option<TypeInformation> {
         if !Path::new(VMLINUX_BTF).exists() {
             assert_ne!(
                 std::env::var("CI").as_deref(),
@@ -236,7 +187,7 @@ mod tests {
             eprintln!("SKIPPED: no {VMLINUX_BTF}");
             return None;
         }
-        Some(Btf::from_file(VMLINUX_BTF).unwrap())
+        Some(parse(Path::new(VMLINUX_BTF)).unwrap())
     }
 
     /// Independent check: gcc's offsetof over the C header bpftool generates from the same BTF.
@@ -324,8 +275,13 @@ mod tests {
             return;
         }
         let k = KernelBtf::load(None).unwrap();
-        assert!(k.has_tracepoint("sock_send_length"));
+        // On every kernel of the matrix (sock_send_length only from 6.3).
         assert!(k.has_tracepoint("inet_sock_set_state"));
+        assert!(k.has_tracepoint("tcp_retransmit_skb"));
+        for function in FUNCTIONS {
+            assert!(k.has_function(function), "{function}");
+        }
+        assert!(!k.has_function("no_such_function"));
         assert!(!k.has_tracepoint("no_such_tracepoint"));
         assert!(k.net_offsets().is_ok());
     }
@@ -333,17 +289,17 @@ mod tests {
     #[test]
     fn missing_member_is_named() {
         let Some(btf) = kernel_btf() else { return };
-        let err = field_offset(&btf, "sock", &["__sk_common", "no_such_field"], 4).unwrap_err();
+        let err = field_offset(&btf, "sock", "__sk_common.no_such_field", 4).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "struct sock.__sk_common.no_such_field: the kernel's BTF has no member `no_such_field`"
+            "struct sock.__sk_common.no_such_field: Member 'no_such_field' not found"
         );
-        let err = field_offset(&btf, "sock", &["sk_protocol"], 4).unwrap_err();
+        let err = field_offset(&btf, "sock", "sk_protocol", 4).unwrap_err();
         assert_eq!(
             err.to_string(),
             "struct sock.sk_protocol is 2 bytes on this kernel, expected 4"
         );
-        let err = find_struct(&btf, "no_such_struct").unwrap_err();
+        let err = field_offset(&btf, "no_such_struct", "x", 4).unwrap_err();
         assert_eq!(
             err.to_string(),
             "the kernel's BTF has no struct no_such_struct"
