@@ -451,9 +451,15 @@ fn external_btf_file_is_used() {
             (),
         )
     };
-    assert_eq!(code, Some(1), "{stdout}");
+    // netflow cannot run without BTF and says why; ebpf-net's dnsflow needs none, so the plugin
+    // still runs (exit 0).
+    assert_eq!(code, Some(0), "{stdout}");
+    let net_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("ebpf-net"))
+        .unwrap();
     assert!(
-        stdout.contains("/nonexistent/vmlinux"),
+        net_line.contains("not running: netflow") && net_line.contains("/nonexistent/vmlinux"),
         "check names the missing file:\n{stdout}"
     );
 }
