@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod bash;
+pub mod httpflow;
 pub mod netflow;
 
 /// Asserts at compile time that a shared type has the size both sides were written for.

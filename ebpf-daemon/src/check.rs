@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    config::{Config, Plugin},
+    config::{Config, L7Protocol, Plugin},
     plugins::{self, Kernel},
 };
 
@@ -48,6 +48,30 @@ pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
             },
             if availability.can_run {
                 String::new()
+            } else {
+                availability.reason
+            },
+        );
+    }
+    // ebpf-net's application protocols (`l7net_enabled`).
+    for l7 in L7Protocol::ALL {
+        let enabled = config.enabled.contains(&Plugin::Net) && config.l7net.contains(&l7);
+        let availability = plugins::httpflow::availability(kernel, l7 == L7Protocol::HttpFlowTls);
+        if enabled && !availability.can_run {
+            all_ok = false;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<15} {:<9} {:<11} {}",
+            l7.name(),
+            if enabled { "enabled" } else { "disabled" },
+            if availability.can_run {
+                "can run"
+            } else {
+                "cannot run"
+            },
+            if availability.can_run {
+                format!("via {}", availability.mechanism)
             } else {
                 availability.reason
             },

@@ -119,6 +119,9 @@ pub struct CliArgs {
     /// Report loopback connections in netflow (left out by default, as the reference does)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_include_loopback: Option<bool>,
+    /// httpflow: replace numeric and UUID-like path segments with `:id` (bounds the number of rows)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub httpflow_path_normalize: Option<bool>,
 
     // --- Accepted for compatibility, not implemented (a warning names them) ---
     #[arg(long, hide = true)]

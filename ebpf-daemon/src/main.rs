@@ -254,7 +254,17 @@ fn start_plugin(
             );
             let collector =
                 plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
-            tasks.spawn(collector.run(ctx));
+            tasks.spawn(collector.run(ctx.clone()));
+            if config.l7net.contains(&config::L7Protocol::HttpFlow) {
+                let tls = config.l7net.contains(&config::L7Protocol::HttpFlowTls);
+                // netflow keeps running when httpflow cannot start.
+                match plugins::httpflow::collector::HttpflowCollector::load(config, btf, tls) {
+                    Ok(collector) => {
+                        tasks.spawn(collector.run(ctx));
+                    }
+                    Err(err) => error!("httpflow: failed to start: {err:#}"),
+                }
+            }
             Ok(())
         }
         other => anyhow::bail!("{} is not supported", other.name()),

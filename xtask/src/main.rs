@@ -34,6 +34,9 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux", // `mount -t tracefs` in the lifecycle test
     "python3", // the bench's 10,000-connection server
     "gcc",     // offsetof check of the BTF-derived offsets (btf unit test)
+    "nginx",   // the HTTP and HTTPS server of the httpflow tests
+    "curl", // the HTTP(S) client of the httpflow tests (several URLs = one keep-alive connection)
+    "openssl", // the httpflow-tls test's self-signed certificate
 ];
 
 #[derive(Parser)]

@@ -1,6 +1,7 @@
 //! The plugins (`--enabled`): what each needs from the kernel, and what they share.
 
 pub mod bash;
+pub mod httpflow;
 mod losses;
 pub mod netflow;
 

@@ -1,5 +1,6 @@
 //! ebpf-net's `netflow`: per-connection TCP and UDP bytes, retransmits, RTT, connections opened
-//! and closed, by process and direction. (dnsflow and httpflow are not implemented yet.)
+//! and closed, by process and direction. (dnsflow is not implemented yet; httpflow is the
+//! `httpflow` plugin module, started with ebpf-net.)
 
 pub mod aggregate;
 pub mod collector;
@@ -27,7 +28,7 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
                 choice.tier.name(),
                 choice.reason
             ),
-            reason: "dnsflow and httpflow are not implemented yet".into(),
+            reason: "dnsflow is not implemented yet".into(),
         },
         _ => Availability {
             can_run: false,
