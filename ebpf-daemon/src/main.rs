@@ -241,31 +241,48 @@ fn start_plugin(
             let btf = kernel
                 .btf()
                 .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
-            let choice = plugins::netflow::collector::choose_tier(
-                &kernel.features,
-                Ok(btf),
-                config.netflow_tier,
-            )
-            .map_err(|why| anyhow::anyhow!("netflow: no usable tier: {why}"))?;
-            info!(
-                "netflow: {} tier chosen: {}",
-                choice.tier.name(),
-                choice.reason
-            );
-            let collector =
-                plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
-            tasks.spawn(collector.run(ctx.clone()));
-            if config.l7net.contains(&config::L7Protocol::HttpFlow) {
-                let tls = config.l7net.contains(&config::L7Protocol::HttpFlowTls);
-                // netflow keeps running when httpflow cannot start.
-                match plugins::httpflow::collector::HttpflowCollector::load(config, btf, tls) {
-                    Ok(collector) => {
-                        tasks.spawn(collector.run(ctx));
-                    }
-                    Err(err) => error!("httpflow: failed to start: {err:#}"),
+            let netflow = (|| -> anyhow::Result<()> {
+                let choice = plugins::netflow::collector::choose_tier(
+                    &kernel.features,
+                    Ok(btf),
+                    config.netflow_tier,
+                )
+                .map_err(|why| anyhow::anyhow!("netflow: no usable tier: {why}"))?;
+                info!(
+                    "netflow: {} tier chosen: {}",
+                    choice.tier.name(),
+                    choice.reason
+                );
+                let collector =
+                    plugins::netflow::collector::NetflowCollector::load(config, btf, &choice)?;
+                tasks.spawn(collector.run(ctx.clone()));
+                Ok(())
+            })();
+            if !config.l7net.contains(&config::L7Protocol::HttpFlow) {
+                return netflow;
+            }
+            // netflow and httpflow start independently (httpflow needs no 6.3+ tracepoint):
+            // ebpf-net runs when either does.
+            let tls = config.l7net.contains(&config::L7Protocol::HttpFlowTls);
+            let httpflow = plugins::httpflow::collector::HttpflowCollector::load(config, btf, tls);
+            match (netflow, httpflow) {
+                (Ok(()), Ok(collector)) => {
+                    tasks.spawn(collector.run(ctx));
+                    Ok(())
+                }
+                (Ok(()), Err(err)) => {
+                    error!("httpflow: failed to start: {err:#}");
+                    Ok(())
+                }
+                (Err(err), Ok(collector)) => {
+                    error!("netflow: failed to start: {err:#}");
+                    tasks.spawn(collector.run(ctx));
+                    Ok(())
+                }
+                (Err(netflow), Err(httpflow)) => {
+                    Err(netflow.context(format!("and httpflow: {httpflow:#}")))
                 }
             }
-            Ok(())
         }
         other => anyhow::bail!("{} is not supported", other.name()),
     }

@@ -406,13 +406,29 @@ mod probe {
             return;
         };
         let ev = entry.as_mut_ptr();
-        let pid_tgid = bpf_get_current_pid_tgid();
+        // The copy comes first, its length bounded right before the helper call: older
+        // verifiers (5.10) lose a scalar's bounds when it is spilled across other calls.
         let mut n = if avail < total { avail } else { total };
-        if n > CAPTURE as u64 {
-            n = CAPTURE as u64;
+        if src == 0 {
+            n = 0;
         }
+        let len = (n as u32) & (2 * CAPTURE as u32 - 1);
+        let len = if n > CAPTURE as u64 || len > CAPTURE as u32 {
+            CAPTURE as u32
+        } else {
+            len
+        };
+        // SAFETY: `ev` is the reserved record; `data` holds CAPTURE bytes and len <= CAPTURE.
+        let copied = len > 0
+            && unsafe { raw_read_user((*ev).data.as_mut_ptr() as *mut _, len, src as *const _) }
+                == 0;
+        if len > 0 && !copied {
+            count(HTTP_STAT_READ_FAILED);
+        }
+        let pid_tgid = bpf_get_current_pid_tgid();
         // SAFETY: `ev` is the reserved record, written field by field before submit.
         unsafe {
+            (*ev).captured = if copied { len } else { 0 };
             (*ev).conn = key;
             (*ev).ts_ns = bpf_ktime_get_ns();
             (*ev).total = total;
@@ -424,21 +440,6 @@ mod probe {
             (*ev).comm = bpf_get_current_comm().unwrap_or_default();
             if describe(sk, ev).is_err() {
                 count(HTTP_STAT_READ_FAILED);
-            }
-            (*ev).captured = 0;
-            if n > 0 && src != 0 {
-                let len = (n as u32) & (2 * CAPTURE as u32 - 1);
-                let len = if len > CAPTURE as u32 {
-                    CAPTURE as u32
-                } else {
-                    len
-                };
-                let ret = raw_read_user((*ev).data.as_mut_ptr() as *mut _, len, src as *const _);
-                if ret == 0 {
-                    (*ev).captured = len;
-                } else {
-                    count(HTTP_STAT_READ_FAILED);
-                }
             }
         }
         entry.submit(0);

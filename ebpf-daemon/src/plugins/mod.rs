@@ -94,11 +94,40 @@ pub fn availability(
     use crate::config::Plugin;
     match plugin {
         Plugin::Bash => bash::availability(&kernel.features, config),
-        Plugin::Net => netflow::availability(kernel, config),
+        Plugin::Net => net_availability(kernel, config),
         other => Availability {
             can_run: false,
             mechanism: "-".into(),
             reason: format!("{} is not supported by this daemon", other.name()),
+        },
+    }
+}
+
+/// ebpf-net runs when netflow or (if enabled) httpflow can: they need different hooks.
+fn net_availability(kernel: &Kernel, config: &Config) -> Availability {
+    use crate::config::L7Protocol;
+    let netflow = netflow::availability(kernel, config);
+    if !config.l7net.contains(&L7Protocol::HttpFlow) {
+        return netflow;
+    }
+    let http = httpflow::availability(kernel, config.l7net.contains(&L7Protocol::HttpFlowTls));
+    match (netflow.can_run, http.can_run) {
+        (true, true) => Availability {
+            mechanism: format!("{}; httpflow: {}", netflow.mechanism, http.mechanism),
+            ..netflow
+        },
+        (true, false) => Availability {
+            reason: format!("{}; httpflow cannot run: {}", netflow.reason, http.reason),
+            ..netflow
+        },
+        (false, true) => Availability {
+            can_run: true,
+            mechanism: format!("httpflow only: {}", http.mechanism),
+            reason: format!("netflow cannot run: {}", netflow.reason),
+        },
+        (false, false) => Availability {
+            reason: format!("{}; httpflow: {}", netflow.reason, http.reason),
+            ..netflow
         },
     }
 }
