@@ -163,7 +163,8 @@ impl Drop for PyServer {
 
 fn wait_listening(pair: &NetPair, ip: IpAddr, port: u16) {
     let ns = pair.a.name.clone();
-    let ok = common::wait_until(Duration::from_secs(10), || {
+    // 30 s: python starts slowly under software emulation (vm-test).
+    let ok = common::wait_until(Duration::from_secs(30), || {
         Command::new("ip")
             .args(["netns", "exec", &ns, "bash", "-c"])
             .arg(format!("exec 3<>/dev/tcp/{ip}/{port}"))
@@ -243,6 +244,18 @@ fn rows<'a>(
     port: u16,
     path: &str,
 ) -> Vec<&'a Point> {
+    rows_of(points, pair, client, port, path, None)
+}
+
+/// `rows`, of one method only when `method` is given.
+fn rows_of<'a>(
+    points: &'a [Point],
+    pair: &NetPair,
+    client: bool,
+    port: u16,
+    path: &str,
+    method: Option<&str>,
+) -> Vec<&'a Point> {
     let (ns, direction, port_tag) = if client {
         (pair.a.inode(), "outgoing", "dst_port")
     } else {
@@ -255,6 +268,7 @@ fn rows<'a>(
                 && p.tag("direction") == Some(direction)
                 && p.tag(port_tag) == Some(port.to_string().as_str())
                 && p.str("path") == Some(path)
+                && method.is_none_or(|m| p.str("method") == Some(m))
         })
         .collect()
 }
@@ -280,12 +294,15 @@ struct Expect<'a> {
 
 fn wait_rows(datakit: &FakeDataKit, daemon: &Daemon, pair: &NetPair, e: &Expect) -> Vec<Point> {
     let points = datakit.wait_for(Duration::from_secs(20), |pts| {
-        [true, false]
-            .iter()
-            .all(|&client| sum(&rows(pts, pair, client, e.port, e.path), "count") >= e.count)
+        [true, false].iter().all(|&client| {
+            sum(
+                &rows_of(pts, pair, client, e.port, e.path, Some(e.method)),
+                "count",
+            ) >= e.count
+        })
     });
     for client in [true, false] {
-        let side = rows(&points, pair, client, e.port, e.path);
+        let side = rows_of(&points, pair, client, e.port, e.path, Some(e.method));
         let what = format!(
             "{} {} {}: rows {side:#?}\nlog:\n{}",
             if client { "client" } else { "server" },
@@ -708,6 +725,128 @@ fn non_http_bytes_make_no_rows() {
         .filter(|p| p.str("path") != Some("/index.html") || p.tag("server_port") != Some("8080"))
         .collect();
     assert!(stray.is_empty(), "{stray:#?}");
+    assert!(daemon.terminate().success());
+    assert_no_httpflow_complaints(&daemon);
+}
+
+/// Sends `parts` as separate writes, then reads one response (`head_only`: no body, as for
+/// HEAD); returns (bytes written, bytes read).
+fn exchange(
+    stream: &mut std::net::TcpStream,
+    parts: &[&[u8]],
+    responses: usize,
+    head_only: bool,
+) -> (i64, i64) {
+    let mut sent = 0;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        stream.write_all(part).unwrap();
+        sent += part.len() as i64;
+    }
+    let mut got: Vec<u8> = Vec::new();
+    let mut read = 0;
+    for _ in 0..responses {
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                let len: usize = if head_only {
+                    0
+                } else {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap()
+                };
+                if got.len() >= end + 4 + len {
+                    let n = end + 4 + len;
+                    read += n as i64;
+                    got.drain(..n);
+                    break;
+                }
+            }
+            let mut buf = [0u8; 16384];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "server closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert!(got.is_empty());
+    (sent, read)
+}
+
+/// This test process's name as httpflow reports it (argv[0]'s basename: the kernel's comm is
+/// cut at 15 bytes).
+fn process_name() -> String {
+    let argv0 = std::env::args().next().unwrap();
+    argv0.rsplit('/').next().unwrap().to_string()
+}
+
+#[test]
+fn keep_alive_client_pipelining_split_writes_and_head() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let (dir, pair) = setup("hf-keep");
+    let _nginx = Nginx::start(&pair, &dir);
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, "httpflow");
+    let server = std::net::SocketAddr::new(pair.b_v4.into(), HTTP_PORT);
+    let mut stream = common::netns::tcp_connect(&pair.a, server);
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: k\r\n\r\n").into_bytes();
+
+    // Sequential requests on one connection.
+    let mut keep = (0, 0);
+    for _ in 0..5 {
+        let (w, r) = exchange(&mut stream, &[&get("/keep.html")], 1, false);
+        keep = (keep.0 + w, keep.1 + r);
+    }
+    // Three pipelined requests in one write.
+    let three = [get("/q.html"), get("/q.html"), get("/q.html")].concat();
+    let pipelined = exchange(&mut stream, &[&three], 3, false);
+    // One request head split across three writes.
+    let split = get("/index.html");
+    let split = exchange(
+        &mut stream,
+        &[&split[..7], &split[7..20], &split[20..]],
+        1,
+        false,
+    );
+    // HEAD: the response announces a length but carries no body.
+    let head = exchange(
+        &mut stream,
+        &[b"HEAD /index.html HTTP/1.1\r\nHost: k\r\n\r\n"],
+        1,
+        true,
+    );
+    let me = process_name();
+    for (path, method, count, (written, read)) in [
+        ("/keep.html", "GET", 5, keep),
+        ("/q.html", "GET", 3, pipelined),
+        ("/index.html", "GET", 1, split),
+        ("/index.html", "HEAD", 1, head),
+    ] {
+        wait_rows(
+            &datakit,
+            &daemon,
+            &pair,
+            &Expect {
+                port: HTTP_PORT,
+                path,
+                method,
+                status: 200,
+                count,
+                written,
+                read,
+                truncated: false,
+                client_process: &me,
+                server_process: "nginx",
+            },
+        );
+    }
+    drop(stream);
     assert!(daemon.terminate().success());
     assert_no_httpflow_complaints(&daemon);
 }

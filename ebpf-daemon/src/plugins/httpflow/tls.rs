@@ -57,8 +57,16 @@ impl TlsAttacher {
 
     /// Attaches to every OpenSSL library file mapped by a process and not handled yet.
     pub fn scan(&mut self, ebpf: &mut Ebpf) {
-        for path in mapped_libraries(&self.proc_root, self.own_pid) {
-            let Ok(meta) = std::fs::metadata(&path) else {
+        let paths = mapped_libraries(&self.proc_root, self.own_pid);
+        debug!("httpflow-tls: {} OpenSSL library mappings", paths.len());
+        for (by_root, by_mapping) in paths {
+            // The path through the process's root is the usual way in; the mapping's own
+            // link is for when that path is not visible from here (a root that is not a
+            // mount-namespace root: maps then names the file from the real root).
+            let Some((path, meta)) = [by_root, by_mapping]
+                .into_iter()
+                .find_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m)))
+            else {
                 continue;
             };
             if !self.seen.insert((meta.dev(), meta.ino())) {
@@ -104,11 +112,12 @@ fn attach(ebpf: &mut Ebpf, path: &Path) -> anyhow::Result<Vec<&'static str>> {
     Ok(symbols)
 }
 
-/// Paths (through each process's root) of the `libssl.so*` files processes map.
-fn mapped_libraries(proc_root: &Path, own_pid: u32) -> Vec<PathBuf> {
-    let mut found = HashSet::new();
+/// For each `libssl.so*` file a process maps: its path through the process's root, and its
+/// `/proc/<pid>/map_files/` link.
+fn mapped_libraries(proc_root: &Path, own_pid: u32) -> Vec<(PathBuf, PathBuf)> {
+    let mut found = Vec::new();
     let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+        return found;
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -121,28 +130,27 @@ fn mapped_libraries(proc_root: &Path, own_pid: u32) -> Vec<PathBuf> {
         let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) else {
             continue;
         };
-        for lib in libssl_paths(&maps) {
-            found.insert(
-                proc_root
-                    .join(pid.to_string())
-                    .join("root")
-                    .join(lib.trim_start_matches('/')),
-            );
+        for (range, lib) in libssl_mappings(&maps) {
+            found.push((
+                entry.path().join("root").join(lib.trim_start_matches('/')),
+                entry.path().join("map_files").join(range),
+            ));
         }
     }
-    found.into_iter().collect()
+    found
 }
 
-/// The distinct `libssl.so*` paths in a maps file.
-fn libssl_paths(maps: &str) -> HashSet<&str> {
+/// (address range, path) of the first mapping of each distinct `libssl.so*` in a maps file.
+fn libssl_mappings(maps: &str) -> Vec<(&str, &str)> {
+    let mut seen = HashSet::new();
     maps.lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .filter(|path| {
-            path.starts_with('/')
-                && path
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|base| base.starts_with("libssl.so"))
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let path = fields.nth(4)?;
+            let base = path.rsplit('/').next()?;
+            (path.starts_with('/') && base.starts_with("libssl.so") && seen.insert(path))
+                .then_some((range, path))
         })
         .collect()
 }
@@ -160,10 +168,12 @@ mod tests {
 7f0000003000-7f0000004000 rw-p 00000000 00:00 0 
 7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0 [stack]
 ";
-        let paths = libssl_paths(maps);
         assert_eq!(
-            paths.into_iter().collect::<Vec<_>>(),
-            ["/usr/lib/x86_64-linux-gnu/libssl.so.3"]
+            libssl_mappings(maps),
+            [(
+                "7f0000000000-7f0000001000",
+                "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+            )]
         );
     }
 }
