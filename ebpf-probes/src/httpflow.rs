@@ -1,11 +1,12 @@
 //! httpflow: the first bytes of reads and writes on HTTP sockets, for the daemon to parse.
 //!
 //! - `syscalls:sys_enter_*` of read, write, recvfrom, sendto, readv, writev, recvmsg, sendmsg and
-//!   sendfile64 remember (fd, buffer) per thread; `sys_exit_*` with a positive return resolves
-//!   the fd to its socket (task → files → fdtable → file → socket → sock, offsets from BTF) and,
-//!   for a TCP socket, classifies its first bytes (HTTP method or `HTTP/1.` status line). An HTTP
-//!   socket's calls go to userspace (call length plus the first `CAPTURE` bytes); any other
-//!   socket is marked and costs one map lookup per call afterwards. Classic tracepoints exist on
+//!   sendfile64 resolve the fd to its socket (task → files → fdtable → file → socket → sock,
+//!   offsets from BTF) and, for a TCP socket not known to be something else, remember (socket,
+//!   buffer) per thread; `sys_exit_*` with a positive return classifies the socket's first
+//!   bytes (HTTP method or `HTTP/1.` status line). An HTTP socket's calls go to userspace (call
+//!   length plus the first `CAPTURE` bytes); any other socket is marked and costs the fd walk
+//!   and one map lookup per call afterwards. Classic tracepoints exist on
 //!   every kernel this project supports, unlike kprobes and trampolines (absent on its CI host).
 //! - `sock:inet_sock_set_state` to CLOSE: the classification is forgotten (the kernel reuses
 //!   socket memory) and the daemon told that the connection ended.
@@ -96,7 +97,8 @@ mod probe {
     #[repr(C)]
     #[derive(Clone, Copy)]
     struct Call {
-        fd: u64,
+        /// The `struct sock *` of the call's fd.
+        sock: u64,
         /// The buffer, the `struct iovec *` or the `struct user_msghdr *` (per `how`).
         ptr: u64,
         how: u32,
@@ -169,13 +171,34 @@ mod probe {
         if fd < 3 {
             return 0;
         }
+        // The socket is resolved here, so that calls on anything else (files, pipes, other
+        // sockets) and on sockets known not to carry HTTP cost no map update.
+        let sk = match tcp_sock(fd) {
+            Ok(Some(sk)) => sk as u64,
+            Ok(None) => return 0,
+            Err(()) => {
+                count(HTTP_STAT_READ_FAILED);
+                return 0;
+            }
+        };
+        let thread = bpf_get_current_pid_tgid();
+        // Inside SSL_read/SSL_write: ciphertext, but it names the socket of the plain text.
+        if let Some(ssl) = SSL_CALLS.get_ptr_mut(&thread) {
+            // SAFETY: this thread's own entry.
+            unsafe { (*ssl).sock = sk };
+            return 0;
+        }
+        // SAFETY: a read of the map value.
+        if unsafe { HTTPFLOW_SOCKS.get(&sk) }.is_some_and(|s| s.state == SOCK_OTHER) {
+            return 0;
+        }
         let call = Call {
-            fd,
+            sock: sk,
             ptr: syscall_arg(ctx, 1),
             how,
             direction,
         };
-        let _ = CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+        let _ = CALLS.insert(&thread, &call, 0);
         0
     }
 
@@ -228,20 +251,7 @@ mod probe {
         if ret <= 0 {
             return 0;
         }
-        let sk = match tcp_sock(call.fd) {
-            Ok(Some(sk)) => sk,
-            Ok(None) => return 0,
-            Err(()) => {
-                count(HTTP_STAT_READ_FAILED);
-                return 0;
-            }
-        };
-        // Inside SSL_read/SSL_write: ciphertext, but it names the socket of the plain text.
-        if let Some(ssl) = SSL_CALLS.get_ptr_mut(&thread) {
-            // SAFETY: this thread's own entry.
-            unsafe { (*ssl).sock = sk as u64 };
-            return 0;
-        }
+        let sk = call.sock as *const u8;
         let (src, avail) = match user_buffer(&call, ret as u64) {
             Ok(found) => found,
             Err(()) => {

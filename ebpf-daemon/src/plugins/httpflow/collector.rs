@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     aggregate::{Aggregator, HttpOptions},
+    misses::Misses,
     stream::{Call, ConnMeta, Exchange, Streams},
     tls::TlsAttacher,
 };
@@ -91,6 +92,18 @@ const SYSCALL_PROGRAMS: [(&str, &[&str]); 8] = [
     ),
 ];
 
+/// Programs whose skipped runs lose calls (the enter and exit halves of each syscall).
+const MISS_PROGRAMS: [&str; 8] = [
+    "httpflow_read_enter",
+    "httpflow_write_enter",
+    "httpflow_readv_enter",
+    "httpflow_writev_enter",
+    "httpflow_recvmsg_enter",
+    "httpflow_sendmsg_enter",
+    "httpflow_sendfile_enter",
+    "httpflow_exit",
+];
+
 pub fn object_is_empty() -> bool {
     OBJECT.is_empty()
 }
@@ -99,6 +112,7 @@ pub struct HttpflowCollector {
     ebpf: Ebpf,
     events: AsyncFd<RingBuf<MapData>>,
     losses: KernelLosses,
+    misses: Misses,
     streams: Streams,
     aggregator: Aggregator,
     resolver: ProcResolver,
@@ -167,6 +181,7 @@ impl HttpflowCollector {
             ebpf,
             events,
             losses: KernelLosses::new("httpflow", stats, LOSSES),
+            misses: Misses::new(&MISS_PROGRAMS),
             streams: Streams::new(MAX_CONNS),
             aggregator: Aggregator::new(HttpOptions {
                 ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
@@ -233,6 +248,7 @@ impl HttpflowCollector {
             ctx.sender.submit(DESTINATION, points);
         }
         self.losses.report();
+        self.misses.report(&self.ebpf);
     }
 }
 

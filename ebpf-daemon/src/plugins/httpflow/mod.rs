@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 pub mod collector;
+mod misses;
 pub mod parse;
 pub mod stream;
 pub mod tls;

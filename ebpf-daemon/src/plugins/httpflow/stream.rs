@@ -179,6 +179,14 @@ impl Streams {
                 },
             );
         }
+        tracing::trace!(
+            "httpflow: conn {:#x} t={} {} {} bytes: {:?}",
+            call.conn,
+            call.ts_ns,
+            if call.write { "write" } else { "read" },
+            call.total,
+            String::from_utf8_lossy(&call.data[..call.data.len().min(20)])
+        );
         let conn = self.conns.get_mut(&call.conn).expect("inserted above");
         conn.last_ts = call.ts_ns;
         if conn.upgraded {
@@ -254,6 +262,13 @@ fn feed(conn: &mut Conn, is_req: bool, call: &Call, stats: &mut StreamStats) {
                 };
                 if !starts {
                     stats.unparsed_calls += 1;
+                    tracing::debug!(
+                        "httpflow: conn {:#x}: {} call of {} bytes at {pos} is no message start: {:?}",
+                        call.conn,
+                        if is_req { "request" } else { "response" },
+                        call.total,
+                        String::from_utf8_lossy(&known[..known.len().min(24)])
+                    );
                     return;
                 }
                 side.frame = Frame::Head(Vec::new());
@@ -482,6 +497,7 @@ fn start_response(
     stats: &mut StreamStats,
 ) {
     let Some(txn) = conn.txns.iter_mut().find(|t| t.status.is_none()) else {
+        tracing::debug!("httpflow: response {status} at {ts} with no request pending");
         stats.orphan_responses += 1;
         conn.resp.txn = None;
         return;
