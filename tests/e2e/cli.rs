@@ -125,8 +125,16 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         "{net_line}"
     );
 
-    // A forced tier this build or kernel lacks: cannot run, says why, exit 1.
-    let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
+    // A forced tier this build or kernel lacks: with httpflow off, cannot run, says why, exit 1.
+    let (code, stdout, _) = run(&[
+        "check",
+        "--enabled",
+        "ebpf-net",
+        "--netflow-tier",
+        "kprobe",
+        "--l7net-disabled",
+        "httpflow,httpflow-tls",
+    ]);
     assert_eq!(code, 1, "{stdout}");
     let net_line = stdout
         .lines()
@@ -134,6 +142,17 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         .unwrap();
     assert!(
         net_line.contains("cannot run") && net_line.contains("kprobe: not built yet"),
+        "{net_line}"
+    );
+    // With httpflow on (the default), ebpf-net still runs it, and says netflow cannot.
+    let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
+    assert_eq!(code, 0, "{stdout}");
+    let net_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("ebpf-net"))
+        .unwrap();
+    assert!(
+        net_line.contains("can run") && net_line.contains("httpflow only"),
         "{net_line}"
     );
 }
