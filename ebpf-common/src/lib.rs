@@ -6,6 +6,7 @@
 
 pub mod bash;
 pub mod dnsflow;
+pub mod httpflow;
 pub mod netflow;
 
 /// Asserts at compile time that a shared type has the size both sides were written for.

@@ -8,7 +8,7 @@ use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
-use ebpf_common::netflow::NetOffsets;
+use ebpf_common::{httpflow::HttpOffsets, netflow::NetOffsets};
 
 /// Default location of the kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -34,6 +34,7 @@ pub const FUNCTIONS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct KernelBtf {
     offsets: Result<NetOffsets, String>,
+    http_offsets: Result<HttpOffsets, String>,
     tracepoints: HashSet<&'static str>,
     functions: HashSet<&'static str>,
 }
@@ -54,8 +55,10 @@ impl KernelBtf {
             .filter(|f| find(&btf, f, |t| matches!(t, TypeVariant::Func(_))).is_some())
             .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
+        let http_offsets = http_offsets(&btf).map_err(|err| format!("{err:#}"));
         Ok(KernelBtf {
             offsets,
+            http_offsets,
             tracepoints,
             functions,
         })
@@ -65,6 +68,11 @@ impl KernelBtf {
     /// unusable.
     pub fn net_offsets(&self) -> anyhow::Result<NetOffsets> {
         self.offsets.clone().map_err(|err| anyhow!("{err}"))
+    }
+
+    /// Offsets for the httpflow programs (fd → socket walk and connection tuple).
+    pub fn http_offsets(&self) -> anyhow::Result<HttpOffsets> {
+        self.http_offsets.clone().map_err(|err| anyhow!("{err}"))
     }
 
     /// True when the kernel has the BTF-typed tracepoint `name` (one of [`TRACEPOINTS`]).
@@ -140,6 +148,32 @@ fn net_offsets(btf: &TypeInformation) -> anyhow::Result<NetOffsets> {
         tcp_total_retrans: field_offset(btf, "tcp_sock", "total_retrans", 4)?,
         net_ns_inum: field_offset(btf, "net", "ns.inum", 4)?,
         socket_sk: field_offset(btf, "socket", "sk", 8)?,
+    })
+}
+
+fn http_offsets(btf: &TypeInformation) -> anyhow::Result<HttpOffsets> {
+    let net = net_offsets(btf)?;
+    Ok(HttpOffsets {
+        task_files: field_offset(btf, "task_struct", "files", 8)?,
+        files_fdt: field_offset(btf, "files_struct", "fdt", 8)?,
+        fdt_max_fds: field_offset(btf, "fdtable", "max_fds", 4)?,
+        fdt_fd: field_offset(btf, "fdtable", "fd", 8)?,
+        file_inode: field_offset(btf, "file", "f_inode", 8)?,
+        file_private_data: field_offset(btf, "file", "private_data", 8)?,
+        inode_mode: field_offset(btf, "inode", "i_mode", 2)?,
+        socket_sk: field_offset(btf, "socket", "sk", 8)?,
+        skc_daddr: net.skc_daddr,
+        skc_rcv_saddr: net.skc_rcv_saddr,
+        skc_dport: net.skc_dport,
+        skc_num: net.skc_num,
+        skc_family: net.skc_family,
+        skc_v6_daddr: net.skc_v6_daddr,
+        skc_v6_rcv_saddr: net.skc_v6_rcv_saddr,
+        skc_net: net.skc_net,
+        sk_protocol: net.sk_protocol,
+        sk_type: net.sk_type,
+        net_ns_inum: net.net_ns_inum,
+        _pad: 0,
     })
 }
 
@@ -236,6 +270,20 @@ mod tests {
             ("net", "ns.inum", offsets.net_ns_inum),
             ("socket", "sk", offsets.socket_sk),
         ];
+        let http = http_offsets(&btf).expect("http offsets");
+        let fields: Vec<(&str, &str, u32)> = fields
+            .into_iter()
+            .chain([
+                ("task_struct", "files", http.task_files),
+                ("files_struct", "fdt", http.files_fdt),
+                ("fdtable", "max_fds", http.fdt_max_fds),
+                ("fdtable", "fd", http.fdt_fd),
+                ("file", "f_inode", http.file_inode),
+                ("file", "private_data", http.file_private_data),
+                ("inode", "i_mode", http.inode_mode),
+                ("socket", "sk", http.socket_sk),
+            ])
+            .collect();
         let mut program = String::from(
             "#include \"vmlinux.h\"\nint printf(const char *, ...);\nint main(void) {\n",
         );

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    config::{Config, Plugin},
+    config::{Config, L7Protocol, Plugin},
     plugins::{self, Kernel},
 };
 
@@ -28,7 +28,8 @@ pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
     for plugin in Plugin::ALL {
         let enabled = config.enabled.contains(&plugin);
         let availability = plugins::availability(plugin, kernel, config);
-        if enabled && !availability.can_run {
+        // A plugin that runs only in part (ebpf-net without netflow, say) is not all right.
+        if enabled && (!availability.can_run || !availability.reason.is_empty()) {
             all_ok = false;
         }
         let _ = writeln!(
@@ -54,13 +55,37 @@ pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
             },
         );
     }
+    // ebpf-net's application protocols (`l7net_enabled`).
+    for l7 in L7Protocol::ALL {
+        let enabled = config.enabled.contains(&Plugin::Net) && config.l7net.contains(&l7);
+        let availability = plugins::httpflow::availability(kernel, l7 == L7Protocol::HttpFlowTls);
+        if enabled && !availability.can_run {
+            all_ok = false;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<15} {:<9} {:<11} {}",
+            l7.name(),
+            if enabled { "enabled" } else { "disabled" },
+            if availability.can_run {
+                "can run"
+            } else {
+                "cannot run"
+            },
+            if availability.can_run {
+                format!("via {}", availability.mechanism)
+            } else {
+                availability.reason
+            },
+        );
+    }
     let _ = writeln!(
         out,
         "\n{}",
         if all_ok {
             "every enabled plugin can run"
         } else {
-            "some enabled plugins cannot run"
+            "some enabled plugins cannot run, or run only in part"
         }
     );
     (out, all_ok)

@@ -125,6 +125,9 @@ pub struct CliArgs {
     /// dnsflow reporting interval (at least --min-interval, or 30s if that is lower) [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub dnsflow_interval: Option<String>,
+    /// httpflow: replace numeric and UUID-like path segments with `:id` (bounds the number of rows)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub httpflow_path_normalize: Option<bool>,
 
     // --- Accepted for compatibility, not implemented (a warning names them) ---
     #[arg(long, hide = true)]

@@ -195,6 +195,8 @@ pub struct Config {
     pub netflow_max_conns: u32,
     /// Report loopback connections in netflow.
     pub netflow_include_loopback: bool,
+    /// httpflow: replace numeric and UUID-like path segments with `:id`.
+    pub httpflow_path_normalize: bool,
     /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
     /// every send and receive call, hence off by default).
     pub netflow_udp_unconnected: bool,
@@ -354,6 +356,7 @@ struct Layer {
     netflow_udp_unconnected: Option<bool>,
     dnsflow_timeout: Option<Duration>,
     dnsflow_interval: Option<Duration>,
+    httpflow_path_normalize: Option<bool>,
     pprof_host: Option<String>,
     pprof_port: Option<String>,
     host_root: Option<PathBuf>,
@@ -395,6 +398,9 @@ impl Layer {
             netflow_include_loopback: higher
                 .netflow_include_loopback
                 .or(self.netflow_include_loopback),
+            httpflow_path_normalize: higher
+                .httpflow_path_normalize
+                .or(self.httpflow_path_normalize),
             netflow_udp_unconnected: higher
                 .netflow_udp_unconnected
                 .or(self.netflow_udp_unconnected),
@@ -537,6 +543,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .netflow_max_conns
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
+        httpflow_path_normalize: m.httpflow_path_normalize.unwrap_or(false),
         netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
         dnsflow_timeout: m.dnsflow_timeout.unwrap_or(DEFAULT_DNSFLOW_TIMEOUT),
         dnsflow_interval,
@@ -961,6 +968,7 @@ fn layer_from_cli(
         );
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
+    l.httpflow_path_normalize = a.httpflow_path_normalize;
     l.netflow_udp_unconnected = a.netflow_udp_unconnected;
     if let Some(s) = &a.dnsflow_timeout {
         l.dnsflow_timeout = Some(
@@ -1173,6 +1181,7 @@ const FILE_KEYS: &[&str] = &[
     "netflow_udp_unconnected",
     "dnsflow_timeout",
     "dnsflow_interval",
+    "httpflow_path_normalize",
 ];
 
 /// The file's three layers, lowest first: `envs`, `args`, keys.
@@ -1551,6 +1560,7 @@ fn parse_ebpf_table(
                     Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
+            "httpflow_path_normalize" => l.httpflow_path_normalize = Some(cx.boolean(key, v)?),
             "netflow_udp_unconnected" => l.netflow_udp_unconnected = Some(cx.boolean(key, v)?),
             "dnsflow_timeout" => {
                 l.dnsflow_timeout = Some(check_dnsflow_timeout(cx.duration(key, v)?).map_err(at)?)

@@ -41,6 +41,9 @@ fn daemon_args() -> Vec<&'static str> {
         "1s",
         "--netflow-tier",
         "tracepoint",
+        // netflow alone: httpflow (on by default) has syscall tracepoints of its own.
+        "--l7net-disabled",
+        "httpflow,httpflow-tls",
     ]
 }
 

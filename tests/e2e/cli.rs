@@ -131,9 +131,18 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
     );
 
     // A forced tier this kernel lacks (no kprobes here): netflow cannot run and says why;
-    // ebpf-net still runs its other parts (dnsflow needs no tracing hooks), so exit 0.
-    let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
-    assert_eq!(code, 0, "{stdout}");
+    // ebpf-net still runs its other parts (dnsflow needs no tracing hooks), but not all of it:
+    // exit 1.
+    let (code, stdout, _) = run(&[
+        "check",
+        "--enabled",
+        "ebpf-net",
+        "--netflow-tier",
+        "kprobe",
+        "--l7net-disabled",
+        "httpflow,httpflow-tls",
+    ]);
+    assert_eq!(code, 1, "{stdout}");
     let net_line = stdout
         .lines()
         .find(|l| l.trim_start().starts_with("ebpf-net"))
@@ -143,6 +152,19 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
             && net_line.contains("via dnsflow")
             && net_line.contains("not running: netflow: no usable tier")
             && net_line.contains("kprobe: no kprobes"),
+        "{net_line}"
+    );
+    // With httpflow on (the default), ebpf-net runs it too, and still says netflow cannot.
+    let (code, stdout, _) = run(&["check", "--enabled", "ebpf-net", "--netflow-tier", "kprobe"]);
+    assert_eq!(code, 1, "{stdout}");
+    let net_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("ebpf-net"))
+        .unwrap();
+    assert!(
+        net_line.contains("can run")
+            && net_line.contains("; httpflow ")
+            && net_line.contains("not running: netflow"),
         "{net_line}"
     );
 }

@@ -38,6 +38,9 @@ const APT_PACKAGES: &[&str] = &[
     // that would take port 53.
     "dnsmasq-base",
     "bind9-dnsutils", // `dig`, the dnsflow tests' client
+    "nginx",          // the HTTP and HTTPS server of the httpflow tests
+    "curl", // the HTTP(S) client of the httpflow tests (several URLs = one keep-alive connection)
+    "openssl", // the httpflow-tls test's self-signed certificate
 ];
 
 #[derive(Parser)]

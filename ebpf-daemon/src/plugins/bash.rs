@@ -84,11 +84,7 @@ pub fn availability(features: &KernelFeatures, config: &Config) -> Availability 
     Availability {
         can_run: missing.is_empty(),
         mechanism,
-        reason: if missing.is_empty() {
-            "uprobes and ring buffer available".into()
-        } else {
-            missing.join("; ")
-        },
+        reason: missing.join("; "),
     }
 }
 

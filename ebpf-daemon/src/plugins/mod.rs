@@ -2,6 +2,7 @@
 
 pub mod bash;
 pub mod dnsflow;
+pub mod httpflow;
 mod losses;
 pub mod net;
 pub mod netflow;
@@ -69,7 +70,9 @@ pub struct PluginContext {
 #[derive(Debug, Clone)]
 pub struct Availability {
     pub can_run: bool,
+    /// How it runs (when it can).
     pub mechanism: String,
+    /// Why it cannot run, or which of its parts cannot (empty when everything runs).
     pub reason: String,
 }
 

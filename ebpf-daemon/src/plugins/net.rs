@@ -1,21 +1,33 @@
-//! The `ebpf-net` plugin: netflow, dnsflow and httpflow. Each part starts on its own, so one
-//! that cannot run on this kernel (netflow before 6.3 without kprobes or trampolines, say) does
-//! not keep the others from running; the plugin fails only when no part can start.
+//! The `ebpf-net` plugin: netflow, dnsflow and httpflow (when `l7net_enabled` lists it). Each
+//! part starts on its own, so one that cannot run on this kernel (netflow before 6.3 without
+//! kprobes or trampolines, say) does not keep the others from running; the plugin fails only
+//! when no part can start.
 
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
-use super::{Availability, Kernel, PluginContext, dnsflow, netflow};
-use crate::config::Config;
+use super::{Availability, Kernel, PluginContext, dnsflow, httpflow, netflow};
+use crate::config::{Config, L7Protocol};
 
 /// What each part of ebpf-net would run on this kernel, or why it cannot.
 pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
-    let parts = [
+    let mut parts = vec![
         ("netflow", netflow::availability(kernel, config)),
         ("dnsflow", dnsflow::availability()),
     ];
+    if config.l7net.contains(&L7Protocol::HttpFlow) {
+        let http = httpflow::availability(kernel, config.l7net.contains(&L7Protocol::HttpFlowTls));
+        parts.push((
+            "httpflow",
+            if http.can_run {
+                Ok(http.mechanism)
+            } else {
+                Err(http.reason)
+            },
+        ));
+    }
     let mut running = Vec::new();
     let mut not_running = Vec::new();
     for (name, part) in parts {
@@ -57,12 +69,26 @@ pub fn start(
     match dnsflow::DnsflowCollector::load(config, domains) {
         Ok(collector) => {
             info!("dnsflow: capturing DNS through a socket filter");
-            tasks.spawn(collector.run(ctx));
+            tasks.spawn(collector.run(ctx.clone()));
         }
         Err(err) => failures.push(format!("dnsflow: {err:#}")),
     }
-    const PARTS: usize = 2;
-    if failures.len() == PARTS {
+    let mut parts = 2;
+    if config.l7net.contains(&L7Protocol::HttpFlow) {
+        parts += 1;
+        let tls = config.l7net.contains(&L7Protocol::HttpFlowTls);
+        let loaded = kernel
+            .btf()
+            .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))
+            .and_then(|btf| httpflow::collector::HttpflowCollector::load(config, btf, tls));
+        match loaded {
+            Ok(collector) => {
+                tasks.spawn(collector.run(ctx));
+            }
+            Err(err) => failures.push(format!("httpflow: {err:#}")),
+        }
+    }
+    if failures.len() == parts {
         anyhow::bail!("{}", failures.join("; "));
     }
     for failure in failures {

@@ -341,7 +341,7 @@ struct RowValues {
 }
 
 /// An address from the kernel's 16 bytes; IPv4-mapped and IPv4-compatible ones as IPv4.
-fn address(bytes: &[u8; 16]) -> IpAddr {
+pub(crate) fn address(bytes: &[u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(*bytes);
     if let Some(v4) = v6.to_ipv4_mapped() {
         return IpAddr::V4(v4);
@@ -356,7 +356,7 @@ fn address(bytes: &[u8; 16]) -> IpAddr {
 }
 
 /// private → loopback → multicast → other, in the reference's order (Go's net.IP predicates).
-fn ip_type(ip: &IpAddr) -> &'static str {
+pub(crate) fn ip_type(ip: &IpAddr) -> &'static str {
     let private = match ip {
         IpAddr::V4(v4) => v4.is_private(),
         IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,

@@ -547,7 +547,7 @@ fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
 }
 
 /// Process names and listening ports from /proc (`HOST_PROC`), cached for one interval.
-struct ProcResolver {
+pub(crate) struct ProcResolver {
     proc_root: PathBuf,
     listening: StdHashMap<(u32, u16), HashSet<u16>>,
     names: StdHashMap<u32, String>,
@@ -555,7 +555,7 @@ struct ProcResolver {
 }
 
 impl ProcResolver {
-    fn new(proc_root: PathBuf) -> Self {
+    pub(crate) fn new(proc_root: PathBuf) -> Self {
         Self {
             proc_root,
             listening: StdHashMap::new(),
@@ -564,7 +564,7 @@ impl ProcResolver {
         }
     }
 
-    fn new_interval(&mut self) {
+    pub(crate) fn new_interval(&mut self) {
         self.listening.clear();
         self.names.clear();
     }

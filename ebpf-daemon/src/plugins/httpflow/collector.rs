@@ -1,0 +1,291 @@
+//! Loads the httpflow programs, drains their ring buffer into per-connection streams, and each
+//! interval posts the `httpflow` rows. With httpflow-tls, also attaches the OpenSSL uprobes
+//! and rescans for new library files.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use ebpf_common::httpflow::{
+    CAPTURE, DIR_WRITE, EVENTS_MAP, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL, HttpEvent,
+    KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+use super::{
+    aggregate::{Aggregator, HttpOptions},
+    misses::Misses,
+    stream::{Call, ConnMeta, Exchange, Streams},
+    tls::TlsAttacher,
+};
+use crate::{
+    btf::KernelBtf,
+    clock,
+    config::Config,
+    plugins::{
+        PluginContext, losses::KernelLosses, netflow::aggregate::Resolver as _,
+        netflow::collector::ProcResolver,
+    },
+    sender::{Category, Destination},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/httpflow"));
+
+pub const DESTINATION: Destination = Destination {
+    category: Category::Network,
+    input: "ebpf-net/httpflow",
+};
+
+/// Longest `path` reported, in bytes (longer ones are cut).
+pub const PATH_MAX: usize = 256;
+/// Connections followed at once; the least recently active is dropped (counted) beyond.
+const MAX_CONNS: usize = 16_384;
+/// A connection with no call for this long is closed (its TCP close was not seen).
+const IDLE: Duration = Duration::from_secs(180);
+/// How often httpflow-tls looks for newly mapped OpenSSL library files.
+const TLS_RESCAN: Duration = Duration::from_secs(5);
+
+const LOSSES: &[(u32, &str)] = &[
+    (
+        HTTP_STAT_RINGBUF_FULL,
+        "calls not captured: ring buffer full",
+    ),
+    (
+        HTTP_STAT_READ_FAILED,
+        "calls skipped: kernel or user memory read failed",
+    ),
+];
+
+/// (program, syscall tracepoints).
+const SYSCALL_PROGRAMS: [(&str, &[&str]); 8] = [
+    (
+        "httpflow_read_enter",
+        &["sys_enter_read", "sys_enter_recvfrom"],
+    ),
+    (
+        "httpflow_write_enter",
+        &["sys_enter_write", "sys_enter_sendto"],
+    ),
+    ("httpflow_readv_enter", &["sys_enter_readv"]),
+    ("httpflow_writev_enter", &["sys_enter_writev"]),
+    ("httpflow_recvmsg_enter", &["sys_enter_recvmsg"]),
+    ("httpflow_sendmsg_enter", &["sys_enter_sendmsg"]),
+    ("httpflow_sendfile_enter", &["sys_enter_sendfile64"]),
+    (
+        "httpflow_exit",
+        &[
+            "sys_exit_read",
+            "sys_exit_recvfrom",
+            "sys_exit_write",
+            "sys_exit_sendto",
+            "sys_exit_readv",
+            "sys_exit_writev",
+            "sys_exit_recvmsg",
+            "sys_exit_sendmsg",
+            "sys_exit_sendfile64",
+        ],
+    ),
+];
+
+/// Programs whose skipped runs lose calls (the enter and exit halves of each syscall).
+const MISS_PROGRAMS: [&str; 8] = [
+    "httpflow_read_enter",
+    "httpflow_write_enter",
+    "httpflow_readv_enter",
+    "httpflow_writev_enter",
+    "httpflow_recvmsg_enter",
+    "httpflow_sendmsg_enter",
+    "httpflow_sendfile_enter",
+    "httpflow_exit",
+];
+
+pub fn object_is_empty() -> bool {
+    OBJECT.is_empty()
+}
+
+pub struct HttpflowCollector {
+    ebpf: Ebpf,
+    events: AsyncFd<RingBuf<MapData>>,
+    losses: KernelLosses,
+    misses: Misses,
+    streams: Streams,
+    aggregator: Aggregator,
+    resolver: ProcResolver,
+    tls: Option<TlsAttacher>,
+}
+
+impl HttpflowCollector {
+    pub fn load(config: &Config, kernel_btf: &KernelBtf, tls: bool) -> anyhow::Result<Self> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
+            );
+        }
+        let offsets = kernel_btf
+            .http_offsets()
+            .context("reading struct offsets from kernel BTF")?;
+        debug!("httpflow: kernel offsets {offsets:?}");
+        let own_pid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(OWN_PID_GLOBAL, &own_pid, true)
+            .load(OBJECT)
+            .context("loading the httpflow object")?;
+        for &(name, tracepoints) in &SYSCALL_PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            for tracepoint in tracepoints.iter() {
+                program
+                    .attach("syscalls", tracepoint)
+                    .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
+            }
+        }
+        let program: &mut TracePoint = ebpf
+            .program_mut("httpflow_state")
+            .context("program httpflow_state missing from the object")?
+            .try_into()?;
+        program.load().context("loading httpflow_state")?;
+        program
+            .attach("sock", "inet_sock_set_state")
+            .context("attaching httpflow_state to sock/inet_sock_set_state")?;
+        let tls = if tls {
+            let mut attacher = TlsAttacher::new(&mut ebpf, config.host_proc.clone(), own_pid)
+                .context("loading the OpenSSL uprobes")?;
+            attacher.scan(&mut ebpf);
+            Some(attacher)
+        } else {
+            None
+        };
+        info!(
+            "httpflow: attached (syscall tracepoints{})",
+            if tls.is_some() {
+                ", OpenSSL uprobes"
+            } else {
+                ""
+            }
+        );
+        let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("event ring buffer")?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+        let events = unsafe { AsyncFd::register(events) }
+            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
+        Ok(Self {
+            ebpf,
+            events,
+            losses: KernelLosses::new("httpflow", stats, LOSSES),
+            misses: Misses::new(&MISS_PROGRAMS),
+            streams: Streams::new(MAX_CONNS),
+            aggregator: Aggregator::new(HttpOptions {
+                ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
+                include_loopback: config.netflow_include_loopback,
+                path_max: PATH_MAX,
+                path_normalize: config.httpflow_path_normalize,
+            }),
+            resolver: ProcResolver::new(config.host_proc.clone()),
+            tls,
+        })
+    }
+
+    pub async fn run(mut self, mut ctx: PluginContext) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(ctx.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut rescan = tokio::time::interval(TLS_RESCAN);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
+        let mut exchanges = Vec::new();
+        loop {
+            tokio::select! {
+                ready = self.events.readable_mut() => {
+                    let mut guard = ready?;
+                    drain(guard.get_inner_mut(), &mut self.streams, &mut exchanges);
+                    guard.clear_ready();
+                    self.aggregate(&mut exchanges);
+                }
+                _ = tick.tick() => self.report(&ctx, &mut exchanges),
+                _ = rescan.tick(), if self.tls.is_some() => {
+                    if let Some(tls) = &mut self.tls {
+                        tls.scan(&mut self.ebpf);
+                    }
+                }
+                _ = ctx.shutdown.changed() => break,
+            }
+        }
+        self.report(&ctx, &mut exchanges);
+        Ok(())
+    }
+
+    fn aggregate(&mut self, exchanges: &mut Vec<Exchange>) {
+        for e in exchanges.drain(..) {
+            let name = self.resolver.process_name(e.meta.pid, &e.meta.comm);
+            self.aggregator.add(&e, &name);
+        }
+    }
+
+    fn report(&mut self, ctx: &PluginContext, exchanges: &mut Vec<Exchange>) {
+        drain(self.events.get_mut(), &mut self.streams, exchanges);
+        let idle_before = clock::monotonic_ns().saturating_sub(IDLE.as_nanos() as u64);
+        self.streams.expire(idle_before, exchanges);
+        self.aggregate(exchanges);
+        self.resolver.new_interval();
+        let points = self.aggregator.take(&ctx.tags, clock::now_unix_ns());
+        debug!(
+            "httpflow: {} rows, {} connections followed, {:?}, {} filtered",
+            points.len(),
+            self.streams.tracked(),
+            self.streams.stats,
+            self.aggregator.filtered
+        );
+        if !points.is_empty() {
+            ctx.sender.submit(DESTINATION, points);
+        }
+        self.losses.report();
+        self.misses.report(&self.ebpf);
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Exchange>) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<HttpEvent>() {
+            warn!("httpflow: short record of {} bytes skipped", item.len());
+            continue;
+        }
+        // SAFETY: length checked; the record may be unaligned.
+        let ev: HttpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        if ev.kind == KIND_CLOSE {
+            streams.on_close(ev.conn, out);
+            continue;
+        }
+        let captured = (ev.captured as usize).min(CAPTURE);
+        let call = Call {
+            conn: ev.conn,
+            ts_ns: ev.ts_ns,
+            write: ev.direction == DIR_WRITE,
+            total: ev.total,
+            data: &ev.data[..captured],
+        };
+        streams.on_call(
+            &call,
+            || ConnMeta {
+                saddr: ev.saddr,
+                daddr: ev.daddr,
+                sport: ev.sport,
+                dport: ev.dport,
+                family: ev.family,
+                netns: ev.netns,
+                pid: ev.pid,
+                comm: ev.comm,
+            },
+            out,
+        );
+    }
+}
