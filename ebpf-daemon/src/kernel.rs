@@ -82,7 +82,7 @@ impl KernelFeatures {
         let kprobes = pmu_or_tracefs("kprobe", tracefs, "CONFIG_KPROBES is off");
         let uprobes = pmu_or_tracefs("uprobe", tracefs, "CONFIG_UPROBE_EVENTS is off");
         let fentry = match is_program_supported(ProgramType::Tracing) {
-            Ok(true) => Probe::yes("BPF trampolines load and attach"),
+            Ok(true) => Probe::yes("a BPF trampoline program loads (attaching is tried at start)"),
             Ok(false) => Probe::no("kernel does not support BPF_PROG_TYPE_TRACING"),
             Err(err) => Probe::no(format!(
                 "trampoline probe failed: {:#}",

@@ -7,8 +7,10 @@
 //! - fentry tier: fexit on `inet_sendmsg`/`inet6_sendmsg`/`inet_recvmsg`/`inet6_recvmsg`, the
 //!   INET socket layer that `sock_sendmsg`/`sock_recvmsg` call for every TCP and UDP socket, with
 //!   the return value (the byte count) in the same program;
-//! - kprobe tier: the same functions through a kprobe (the socket, kept per thread) and a
-//!   kretprobe (the byte count).
+//! - kprobe tier: sends through a kprobe (the socket, kept per thread) and a kretprobe (the byte
+//!   count) on the same send functions; receives where TCP and UDP consume them
+//!   (`tcp_cleanup_rbuf`, `skb_consume_udp`), by plain kprobes, because a kretprobe on a receive
+//!   that sleeps holds one of the kernel's few return slots for as long as it sleeps.
 //!
 //! The others (tp_btf in the tracepoint and fentry tiers, classic tracepoints in the kprobe tier,
 //! which then needs no kernel BTF beyond a `--btf` file):
@@ -257,62 +259,104 @@ mod probe {
         on_io(sk, sent.max(0) as u64, received.max(0) as u64);
     }
 
-    // ---- kprobe tier: kprobe + kretprobe on the same functions ----
+    // ---- kprobe tier ----
+    // Sends: kprobe + kretprobe on inet_sendmsg/inet6_sendmsg (the byte count is the return
+    // value). Receives: a kretprobe would hold one of the kernel's few return slots (max(10,
+    // 2 x CPUs)) for as long as a thread sleeps in recv, and returns beyond that are lost, so
+    // receives are counted where they are consumed instead, by plain kprobes:
+    // `tcp_cleanup_rbuf(sk, copied)` (TCP; `copied` so far in this recvmsg, possibly called
+    // again with a larger total before the call sleeps for more) and
+    // `skb_consume_udp(sk, skb, len)` (UDP; `len` is what recvmsg returns, negative when peeking).
 
-    /// The socket (and receive flags) of a thread's pending inet_*msg call, for its kretprobe.
+    /// The socket of a thread's pending inet_sendmsg, for its kretprobe.
     #[map]
-    static INET_CALLS: LruHashMap<u64, InetCall> = LruHashMap::with_max_entries(16_384, 0);
+    static INET_SENDS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16_384, 0);
+
+    /// A thread's pending inet_recvmsg: its sock, flags, and the bytes already counted.
+    #[map]
+    static INET_RECVS: LruHashMap<u64, InetRecv> = LruHashMap::with_max_entries(16_384, 0);
 
     #[repr(C)]
     #[derive(Clone, Copy)]
-    struct InetCall {
-        sock: u64,
+    struct InetRecv {
+        sk: u64,
         flags: u64,
+        counted: u64,
     }
 
     #[kprobe]
     pub fn netflow_kprobe_send(ctx: ProbeContext) -> u32 {
-        kprobe_enter(ctx.arg::<u64>(0).unwrap_or(0), 0);
-        0
-    }
-
-    #[kprobe]
-    pub fn netflow_kprobe_recv(ctx: ProbeContext) -> u32 {
-        let flags = ctx.arg::<u64>(3).unwrap_or(0);
-        kprobe_enter(ctx.arg::<u64>(0).unwrap_or(0), flags);
-        0
-    }
-
-    fn kprobe_enter(sock: u64, flags: u64) {
+        let sock = ctx.arg::<u64>(0).unwrap_or(0);
         if sock != 0 {
-            let call = InetCall { sock, flags };
-            let _ = INET_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+            let _ = INET_SENDS.insert(&bpf_get_current_pid_tgid(), &sock, 0);
         }
+        0
     }
 
     #[kretprobe]
     pub fn netflow_kretprobe_send(ctx: RetProbeContext) -> u32 {
-        if let Some(call) = kprobe_exit() {
-            on_socket_io(call.sock as *const u8, ctx.ret::<u64>() as i32, 0, false);
-        }
-        0
-    }
-
-    #[kretprobe]
-    pub fn netflow_kretprobe_recv(ctx: RetProbeContext) -> u32 {
-        if let Some(call) = kprobe_exit() {
-            let peek = call.flags as i32 & MSG_PEEK != 0;
-            on_socket_io(call.sock as *const u8, 0, ctx.ret::<u64>() as i32, peek);
-        }
-        0
-    }
-
-    fn kprobe_exit() -> Option<InetCall> {
         let thread = bpf_get_current_pid_tgid();
         // SAFETY: a copy out of this thread's entry.
-        let call = unsafe { INET_CALLS.get(&thread) }.copied()?;
-        let _ = INET_CALLS.remove(&thread);
-        Some(call)
+        if let Some(sock) = unsafe { INET_SENDS.get(&thread) }.copied() {
+            let _ = INET_SENDS.remove(&thread);
+            on_socket_io(sock as *const u8, ctx.ret::<u64>() as i32, 0, false);
+        }
+        0
+    }
+
+    /// inet_recvmsg/inet6_recvmsg entry: starts this thread's count for the call.
+    #[kprobe]
+    pub fn netflow_kprobe_recv(ctx: ProbeContext) -> u32 {
+        let sock = ctx.arg::<u64>(0).unwrap_or(0) as *const u8;
+        let flags = ctx.arg::<u64>(3).unwrap_or(0);
+        if let Ok(sk) = read::<u64>(sock, offsets().socket_sk) {
+            let call = InetRecv {
+                sk,
+                flags,
+                counted: 0,
+            };
+            let _ = INET_RECVS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+        }
+        0
+    }
+
+    /// `void tcp_cleanup_rbuf(struct sock *sk, int copied)`.
+    #[kprobe]
+    pub fn netflow_kprobe_tcp_recv(ctx: ProbeContext) -> u32 {
+        let sk = ctx.arg::<u64>(0).unwrap_or(0);
+        let copied = ctx.arg::<u64>(1).unwrap_or(0) as i32;
+        if sk == 0 || copied <= 0 {
+            return 0;
+        }
+        let copied = copied as u64;
+        let thread = bpf_get_current_pid_tgid();
+        let new = match INET_RECVS.get_ptr_mut(&thread) {
+            // SAFETY: this thread's own entry.
+            Some(call) if unsafe { (*call).sk } == sk => unsafe {
+                // A peek leaves the data in the socket: it is counted when really read.
+                if (*call).flags as i32 & MSG_PEEK != 0 || copied <= (*call).counted {
+                    return 0;
+                }
+                let new = copied - (*call).counted;
+                (*call).counted = copied;
+                new
+            },
+            // Not inside a recvmsg on this socket (splice, kernel readers): all of it is new.
+            _ => copied,
+        };
+        on_io(sk as *const u8, 0, new);
+        0
+    }
+
+    /// `void skb_consume_udp(struct sock *sk, struct sk_buff *skb, int len)`.
+    #[kprobe]
+    pub fn netflow_kprobe_udp_recv(ctx: ProbeContext) -> u32 {
+        let sk = ctx.arg::<u64>(0).unwrap_or(0);
+        let len = ctx.arg::<u64>(2).unwrap_or(0) as i32;
+        if sk != 0 && len > 0 {
+            on_io(sk as *const u8, 0, len as u64);
+        }
+        0
     }
 
     /// `sock:inet_sock_set_state`, classic tracepoint (kprobe tier).

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader, Endianness,
+    Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::aggregate::{ConnSample, NetflowOptions, Resolver, Tracker};
 use crate::{
-    btf::KernelBtf,
+    btf::{KernelBtf, VMLINUX_BTF},
     clock,
     config::{Config, NetflowTier},
     kernel::KernelFeatures,
@@ -83,18 +83,27 @@ const FEXIT_IO: [(&str, &str); 4] = [
     ("netflow_fexit_inet6_recv", "inet6_recvmsg"),
 ];
 
-/// (kprobe, kretprobe, kernel functions) of the kprobe tier.
-const KPROBE_IO: [(&str, &str, [&str; 2]); 2] = [
+/// (program, is a kretprobe, kernel functions) of the kprobe tier. Receives are counted where
+/// TCP and UDP consume them (plain kprobes: no return slot held while a receive sleeps); the
+/// inet_recvmsg entry only marks where one recvmsg call starts.
+const KPROBE_IO: [(&str, bool, &[&str]); 5] = [
     (
         "netflow_kprobe_send",
+        false,
+        &["inet_sendmsg", "inet6_sendmsg"],
+    ),
+    (
         "netflow_kretprobe_send",
-        ["inet_sendmsg", "inet6_sendmsg"],
+        true,
+        &["inet_sendmsg", "inet6_sendmsg"],
     ),
     (
         "netflow_kprobe_recv",
-        "netflow_kretprobe_recv",
-        ["inet_recvmsg", "inet6_recvmsg"],
+        false,
+        &["inet_recvmsg", "inet6_recvmsg"],
     ),
+    ("netflow_kprobe_tcp_recv", false, &["tcp_cleanup_rbuf"]),
+    ("netflow_kprobe_udp_recv", false, &["skb_consume_udp"]),
 ];
 
 /// (program, group, event) of the kprobe tier's classic tracepoints.
@@ -133,6 +142,17 @@ pub fn choose_tier(
     btf: Result<&KernelBtf, &str>,
     forced: NetflowTier,
 ) -> Result<TierChoice, String> {
+    tier_candidates(features, btf, forced).map(|mut tiers| tiers.remove(0))
+}
+
+/// Every tier this kernel and build support, best first (only the forced one when forced):
+/// start-up falls back to the next when one fails to load or attach (a kernel may load a
+/// trampoline program and still refuse to attach it). Never empty.
+pub fn tier_candidates(
+    features: &KernelFeatures,
+    btf: Result<&KernelBtf, &str>,
+    forced: NetflowTier,
+) -> Result<Vec<TierChoice>, String> {
     let mut notes = Vec::new();
     let candidates: &[NetflowTier] = match forced {
         // Tracepoints before kprobes: a tp_btf program costs less than a kprobe/kretprobe pair
@@ -146,6 +166,7 @@ pub fn choose_tier(
         NetflowTier::Kprobe => &[NetflowTier::Kprobe],
         NetflowTier::Tracepoint => &[NetflowTier::Tracepoint],
     };
+    let mut usable = Vec::new();
     for &tier in candidates {
         match tier_support(tier, features, btf) {
             Ok(why) => {
@@ -155,12 +176,16 @@ pub fn choose_tier(
                 } else {
                     format!("forced by --netflow-tier; {}", notes.join("; "))
                 };
-                return Ok(TierChoice { tier, reason });
+                usable.push(TierChoice { tier, reason });
             }
             Err(why) => notes.push(format!("{}: {why}", tier.name())),
         }
     }
-    Err(notes.join("; "))
+    if usable.is_empty() {
+        Err(notes.join("; "))
+    } else {
+        Ok(usable)
+    }
 }
 
 fn tier_support(
@@ -184,6 +209,19 @@ fn tier_support(
         NetflowTier::Fentry => {
             if !features.fentry.available {
                 return Err(format!("no BPF trampolines ({})", features.fentry.detail));
+            }
+            // fexit on a receive that sleeps: before 5.13 ("bpf: Fix fexit trampoline"),
+            // detaching while a thread sleeps there frees the trampoline under it.
+            if kernel_version(&features.release).is_some_and(|v| v < (5, 13)) {
+                return Err(format!(
+                    "kernel {} is older than 5.13, where detaching fexit from a sleeping function is unsafe",
+                    features.release
+                ));
+            }
+            if !Path::new(VMLINUX_BTF).exists() {
+                return Err(format!(
+                    "needs the running kernel's own BTF ({VMLINUX_BTF}) to attach; a --btf file only gives offsets"
+                ));
             }
             let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
             let mut missing: Vec<String> = ["inet_sendmsg", "inet_recvmsg"]
@@ -222,6 +260,11 @@ fn tier_support(
         }
         NetflowTier::Tracepoint => {
             let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
+            if !Path::new(VMLINUX_BTF).exists() {
+                return Err(format!(
+                    "needs the running kernel's own BTF ({VMLINUX_BTF}) to attach; a --btf file only gives offsets"
+                ));
+            }
             let mut wanted = TP_BTF_IO.to_vec();
             wanted.extend(TP_BTF_TCP);
             let missing = missing_tp_btf(btf, &wanted);
@@ -263,17 +306,18 @@ impl NetflowCollector {
             .net_offsets()
             .context("reading struct offsets from kernel BTF")?;
         debug!("netflow: kernel offsets {offsets:?}");
-        let btf = match &config.btf {
-            Some(path) => Btf::parse_file(path, Endianness::default())
-                .with_context(|| format!("parsing BTF file {}", path.display()))?,
-            None => Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?,
+        // fexit and tp_btf programs attach by the running kernel's own type ids; a --btf file
+        // (for a kernel without them) only gives offsets, and the kprobe tier needs no ids.
+        let btf = match tier.tier {
+            NetflowTier::Kprobe => None,
+            _ => Some(Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?),
         };
         let tp_offsets = match tier.tier {
             NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs)?,
             _ => TracepointOffsets::default(),
         };
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+            .btf(btf.as_ref())
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
             .override_global(
@@ -285,7 +329,7 @@ impl NetflowCollector {
             .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
             .load(OBJECT)
             .context("loading the netflow object")?;
-        attach_tier(&mut ebpf, tier.tier, &btf)?;
+        attach_tier(&mut ebpf, tier.tier, btf.as_ref())?;
         // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
         // each, measured by `cargo xtask bench`): only when asked for.
         let syscall_programs: &[_] = if config.netflow_udp_unconnected {
@@ -426,8 +470,9 @@ impl NetflowCollector {
 
 /// Loads and attaches the programs of `tier` (the syscall tracepoints for unconnected UDP are
 /// attached separately: every tier uses them).
-fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: &Btf) -> anyhow::Result<()> {
+fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow::Result<()> {
     let mut tp_btf = Vec::new();
+    let kernel_btf = || btf.context("the running kernel's BTF");
     match tier {
         NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
         NetflowTier::Tracepoint => {
@@ -438,7 +483,7 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: &Btf) -> anyhow::Result<
             for (name, function) in FEXIT_IO {
                 let program: &mut FExit = program_as(ebpf, name)?;
                 let attached = program
-                    .load(function, btf)
+                    .load(function, kernel_btf()?)
                     .map_err(anyhow::Error::from)
                     .and_then(|()| Ok(program.attach()?));
                 match attached {
@@ -453,21 +498,19 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: &Btf) -> anyhow::Result<
             tp_btf.extend(TP_BTF_TCP);
         }
         NetflowTier::Kprobe => {
-            for (entry, exit, functions) in KPROBE_IO {
-                for (name, is_return) in [(entry, false), (exit, true)] {
-                    let program: &mut KProbe = program_as(ebpf, name)?;
-                    program.load().with_context(|| format!("loading {name}"))?;
-                    for function in functions {
-                        let kind = if is_return { "kretprobe" } else { "kprobe" };
-                        match program.attach(function, 0) {
-                            Ok(_) => {}
-                            Err(err) if function.starts_with("inet6_") => {
-                                warn!("netflow: IPv6 not counted: {kind}/{function}: {err}")
-                            }
-                            Err(err) => {
-                                return Err(anyhow::Error::from(err)
-                                    .context(format!("attaching {name} to {kind}/{function}")));
-                            }
+            for (name, is_return, functions) in KPROBE_IO {
+                let kind = if is_return { "kretprobe" } else { "kprobe" };
+                let program: &mut KProbe = program_as(ebpf, name)?;
+                program.load().with_context(|| format!("loading {name}"))?;
+                for function in functions {
+                    match program.attach(function, 0) {
+                        Ok(_) => {}
+                        Err(err) if function.starts_with("inet6_") => {
+                            warn!("netflow: IPv6 not counted: {kind}/{function}: {err}")
+                        }
+                        Err(err) => {
+                            return Err(anyhow::Error::from(err)
+                                .context(format!("attaching {name} to {kind}/{function}")));
                         }
                     }
                 }
@@ -484,7 +527,7 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: &Btf) -> anyhow::Result<
     for (name, tracepoint) in tp_btf {
         let program: &mut BtfTracePoint = program_as(ebpf, name)?;
         program
-            .load(tracepoint, btf)
+            .load(tracepoint, kernel_btf()?)
             .with_context(|| format!("loading {name} for tp_btf/{tracepoint}"))?;
         program
             .attach()
@@ -502,6 +545,12 @@ where
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the object"))?;
     Ok(program.try_into()?)
+}
+
+/// (major, minor) of a kernel release such as `5.10.0-46-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Field offsets of the kprobe tier's classic tracepoints, from their tracefs format files.

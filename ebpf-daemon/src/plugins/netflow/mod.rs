@@ -6,7 +6,7 @@ pub mod collector;
 
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Kernel, dnsflow::domains::DomainCache};
 use crate::config::Config;
@@ -37,18 +37,30 @@ pub fn start(
     let btf = kernel
         .btf()
         .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
-    let choice = collector::choose_tier(&kernel.features, Ok(btf), config.netflow_tier)
+    let candidates = collector::tier_candidates(&kernel.features, Ok(btf), config.netflow_tier)
         .map_err(|why| anyhow::anyhow!("no usable tier: {why}"))?;
-    info!(
-        "netflow: {} tier chosen: {}",
-        choice.tier.name(),
-        choice.reason
-    );
-    Ok(collector::NetflowCollector::load(
-        config,
-        btf,
-        kernel.features.tracefs_path.as_deref(),
-        &choice,
-    )?
-    .with_domains(domains))
+    let mut failures = Vec::new();
+    for choice in candidates {
+        info!(
+            "netflow: {} tier chosen: {}",
+            choice.tier.name(),
+            choice.reason
+        );
+        match collector::NetflowCollector::load(
+            config,
+            btf,
+            kernel.features.tracefs_path.as_deref(),
+            &choice,
+        ) {
+            Ok(collector) => return Ok(collector.with_domains(domains)),
+            Err(err) => {
+                warn!(
+                    "netflow: the {} tier failed ({err:#}); trying the next one",
+                    choice.tier.name()
+                );
+                failures.push(format!("{}: {err:#}", choice.tier.name()));
+            }
+        }
+    }
+    anyhow::bail!("every usable tier failed: {}", failures.join("; "))
 }
