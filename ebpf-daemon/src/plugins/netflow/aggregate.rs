@@ -68,12 +68,15 @@ pub struct IntervalOutput {
 
 type ConnId = (u64, u64);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Seen {
     sent: u64,
     recv: u64,
     retrans: u32,
     established_reported: bool,
+    /// The remote's domain name, once DNS named it: kept for the connection's life, so a
+    /// long-lived connection keeps its `dst_domain` after the DNS record's TTL runs out.
+    domain: Option<String>,
 }
 
 pub struct Tracker {
@@ -128,8 +131,8 @@ impl Tracker {
                 // Idle for hours: report what is left and stop tracking (UDP sockets have no
                 // close event at every tier).
                 let id = (sample.sock, info.start_ns);
-                let delta = self.take(id, info);
-                self.add(&mut rows, &mut stats, resolver, info, delta, false);
+                let (delta, domain) = self.take(id, info);
+                self.add(&mut rows, &mut stats, resolver, info, delta, domain);
                 delete.push(sample.sock);
                 continue;
             }
@@ -137,7 +140,11 @@ impl Tracker {
             let id = (sample.sock, info.start_ns);
             alive.insert(id);
             let delta = self.advance(id, info);
-            self.add(&mut rows, &mut stats, resolver, info, delta, false);
+            let known = self.seen.get(&id).and_then(|seen| seen.domain.clone());
+            let domain = self.add(&mut rows, &mut stats, resolver, info, delta, known);
+            if let Some(seen) = self.seen.get_mut(&id) {
+                seen.domain = domain;
+            }
         }
         for (sock, info) in finals {
             let id = (sock, info.start_ns);
@@ -146,15 +153,9 @@ impl Tracker {
             }
             self.closed_recently[0].insert(id);
             stats.closed += 1;
-            let delta = self.take(id, &info);
-            self.add(
-                &mut rows,
-                &mut stats,
-                resolver,
-                &info,
-                delta,
-                info.protocol == IPPROTO_TCP,
-            );
+            let (mut delta, domain) = self.take(id, &info);
+            delta.closed = info.protocol == IPPROTO_TCP;
+            self.add(&mut rows, &mut stats, resolver, &info, delta, domain);
         }
         // Entries that left the map without a close record (evicted) are forgotten. The caller
         // drains the ring buffer after walking the map, so a close record never trails its entry.
@@ -181,14 +182,15 @@ impl Tracker {
             recv: info.bytes_recv,
             retrans: info.retransmits,
             established_reported: seen.established_reported || delta.established,
+            domain: seen.domain.take(),
         };
         delta
     }
 
-    /// Last growth of a connection that ends now; it is forgotten.
-    fn take(&mut self, id: ConnId, info: &ConnInfo) -> Delta {
+    /// Last growth of a connection that ends now, and its remembered domain; it is forgotten.
+    fn take(&mut self, id: ConnId, info: &ConnInfo) -> (Delta, Option<String>) {
         let seen = self.seen.remove(&id).unwrap_or_default();
-        Delta::between(&seen, info)
+        (Delta::between(&seen, info), seen.domain)
     }
 
     fn add(
@@ -198,18 +200,19 @@ impl Tracker {
         resolver: &mut dyn Resolver,
         info: &ConnInfo,
         delta: Delta,
-        closed: bool,
-    ) {
+        known_domain: Option<String>,
+    ) -> Option<String> {
         // Before the filters: most connections are idle in most intervals, and the key may
         // need the resolver (a /proc read).
-        if delta.sent == 0 && delta.recv == 0 && !delta.established && !closed {
-            return;
+        if delta.sent == 0 && delta.recv == 0 && !delta.established && !delta.closed {
+            return known_domain;
         }
         let Some(mut key) = self.row_key(info, resolver) else {
             stats.filtered += 1;
-            return;
+            return known_domain;
         };
-        key.dst_domain = resolver.domain(key.dst_ip);
+        key.dst_domain = known_domain.or_else(|| resolver.domain(key.dst_ip));
+        let domain = key.dst_domain.clone();
         key.process_name = if info.pid == 0 {
             String::new()
         } else {
@@ -220,12 +223,13 @@ impl Tracker {
         row.bytes_read += delta.recv;
         row.retransmits += u64::from(delta.retrans);
         row.established += u64::from(delta.established);
-        row.closed += u64::from(closed);
+        row.closed += u64::from(delta.closed);
         if info.protocol == IPPROTO_TCP {
             row.rtt_sum += u64::from(info.srtt_us);
             row.rtt_var_sum += u64::from(info.rtt_var_us);
             row.rtt_count += 1;
         }
+        domain
     }
 
     /// The row a connection belongs to, or None when a filter leaves it out.
@@ -288,6 +292,8 @@ struct Delta {
     recv: u64,
     retrans: u32,
     established: bool,
+    /// A TCP connection that closed in this interval.
+    closed: bool,
 }
 
 impl Delta {
@@ -308,6 +314,7 @@ impl Delta {
             recv: now.bytes_recv - seen.recv,
             retrans: now.retransmits - seen.retrans,
             established,
+            closed: false,
         }
     }
 }
@@ -958,6 +965,47 @@ mod tests {
         assert_eq!(tag(row("10.0.0.3"), "server_domain"), Some("named.test"));
         assert_eq!(tag(row("10.0.0.2"), "dst_domain"), None);
         assert_eq!(tag(row("10.0.0.2"), "server_domain"), None);
+    }
+
+    /// A long-lived connection keeps the name DNS gave its remote after the record expired.
+    #[test]
+    fn dst_domain_outlives_the_dns_record() {
+        struct Forgetful(bool);
+        impl Resolver for Forgetful {
+            fn process_name(&mut self, _pid: u32, _comm: &[u8; 16]) -> String {
+                String::new()
+            }
+            fn is_listening(&mut self, _pid: u32, _protocol: u16, _port: u16) -> bool {
+                false
+            }
+            fn domain(&mut self, _ip: IpAddr) -> Option<String> {
+                self.0.then(|| "named.test".to_string())
+            }
+        }
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 443, EST_OUT);
+        c.daddr = mapped([10, 0, 0, 3]);
+        let mut resolver = Forgetful(true);
+        let tags = GlobalTags::from_pairs(&[]);
+        for (i, knows) in [true, false, false].into_iter().enumerate() {
+            resolver.0 = knows;
+            c.bytes_sent += 10;
+            let out = t.interval(
+                &[ConnSample { sock: 1, info: c }],
+                &[],
+                &mut resolver,
+                &tags,
+                1,
+                c.last_ns,
+                u64::MAX,
+            );
+            assert_eq!(out.points.len(), 1, "interval {i}");
+            assert_eq!(
+                tag(&out.points[0], "dst_domain"),
+                Some("named.test"),
+                "interval {i}"
+            );
+        }
     }
 
     #[test]
