@@ -111,7 +111,10 @@ pub struct DnsMessage {
 
 /// Decodes one DNS message (no TCP length prefix). Any error means malformed.
 pub fn dns_message(data: &[u8]) -> Result<DnsMessage, simple_dns::SimpleDnsError> {
-    let packet = Packet::parse(data)?;
+    let packet = match Packet::parse(data) {
+        Ok(packet) => packet,
+        Err(err) => return header_only_response(data).ok_or(err),
+    };
     let response = packet.has_flags(PacketFlag::RESPONSE);
     let question = packet
         .questions
@@ -137,6 +140,25 @@ pub fn dns_message(data: &[u8]) -> Result<DnsMessage, simple_dns::SimpleDnsError
         rcode: data[3] & 0x0f,
         question,
         addresses,
+    })
+}
+
+/// A response the decoder refuses (a record it cannot read in a later section, say) still
+/// answers its query: its header gives the id and rcode to match and count it, without names or
+/// addresses. Only for a response with at most one question, so junk is still malformed.
+fn header_only_response(data: &[u8]) -> Option<DnsMessage> {
+    let header = data.get(..12)?;
+    let response = header[2] & 0x80 != 0;
+    let questions = u16::from_be_bytes([header[4], header[5]]);
+    if !response || questions > 1 {
+        return None;
+    }
+    Some(DnsMessage {
+        id: u16::from_be_bytes([header[0], header[1]]),
+        response: true,
+        rcode: header[3] & 0x0f,
+        question: None,
+        addresses: Vec::new(),
     })
 }
 
@@ -187,6 +209,20 @@ mod tests {
         let msg = dns_message(&query).unwrap();
         assert!(!msg.response);
         assert_eq!(msg.question, None);
+    }
+
+    #[test]
+    fn response_with_an_unreadable_record_still_counts() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let mut bytes = response(0x4321, "odd.test", &[ip], simple_dns::RCODE::ServerFailure);
+        bytes[11] += 1; // one more additional record than the message holds
+        assert!(Packet::parse(&bytes).is_err());
+        let msg = dns_message(&bytes).unwrap();
+        assert_eq!((msg.id, msg.response, msg.rcode), (0x4321, true, 2));
+        assert!(msg.addresses.is_empty());
+        // A query that does not decode stays malformed.
+        bytes[2] &= 0x7f;
+        assert!(dns_message(&bytes).is_err());
     }
 
     #[test]
