@@ -4,7 +4,11 @@
 //!
 //! - Kernels are fetched by package name from Debian's archive through a private apt root per
 //!   suite (downloaded and unpacked only, never installed) and cached under
-//!   `~/.cache/datakit-ebpf/kernels/<label>/`.
+//!   `~/.cache/datakit-ebpf/kernels/<label>/`. That directory is only ever read once it exists:
+//!   it is unpacked elsewhere and renamed into place, so concurrent runs (other engineers share
+//!   this machine) never see a half-written kernel.
+//! - Everything else of a run (initramfs, console, output) lives in a scratch directory of its
+//!   own, removed when the run passes and kept (its path printed) when it fails.
 //! - The guest's initramfs is busybox plus the virtio/9p modules of that kernel; it mounts the
 //!   host's `/` read-only over 9p and chroots into it, so the host's binaries (the daemon, the
 //!   test binaries, `ip`, `bpftool`) run unchanged inside, with fresh /proc, /sys, /dev, /tmp, /run.
@@ -90,7 +94,14 @@ pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
     let mut results = Vec::new();
     for kernel in kernels {
         let started = Instant::now();
-        let result = prepare(kernel).and_then(|dir| boot(kernel, &dir, command));
+        let result = prepare(kernel).and_then(|(dir, scratch)| {
+            let result = boot(kernel, &dir, scratch.path(), command);
+            if result.is_err() {
+                // Kept for the console: the error names it.
+                let _ = scratch.keep();
+            }
+            result
+        });
         let took = started.elapsed();
         match &result {
             Ok(out) => eprintln!("[vm {}] ok in {took:.0?}\n{out}", kernel.label),
@@ -108,19 +119,41 @@ pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
     Ok(())
 }
 
-/// Downloads, unpacks and prepares a kernel once: `vmlinux` (uncompressed, boots faster) and the
-/// initramfs. Returns its cache directory.
-fn prepare(kernel: &Kernel) -> Result<PathBuf> {
-    let dir = cache_dir()?.join("kernels").join(kernel.label);
-    let done = dir.join("unpacked");
-    if !done.is_file() {
-        fetch(kernel, &dir)?;
-        fs::write(&done, "")?;
+/// The kernel's shared cache directory (`vmlinux`, uncompressed because it boots faster, and the
+/// unpacked packages), downloaded once; and this run's scratch directory with its initramfs.
+fn prepare(kernel: &Kernel) -> Result<(PathBuf, tempfile::TempDir)> {
+    let kernels = cache_dir()?.join("kernels");
+    let dir = kernels.join(kernel.label);
+    if !dir.join("unpacked").is_file() {
+        fs::create_dir_all(&kernels)?;
+        let partial = kernels.join(format!(".{}.partial-{}", kernel.label, std::process::id()));
+        let _ = fs::remove_dir_all(&partial);
+        fetch(kernel, &partial)?;
+        fs::write(partial.join("unpacked"), "")?;
+        // A directory without the marker is an interrupted fetch of an older xtask: moved away
+        // first, as a rename cannot replace a non-empty directory.
+        if dir.exists() && !dir.join("unpacked").is_file() {
+            let stale = kernels.join(format!(".{}.stale-{}", kernel.label, std::process::id()));
+            if fs::rename(&dir, &stale).is_ok() {
+                let _ = fs::remove_dir_all(&stale);
+            }
+        }
+        // Atomic: either this run's copy lands, or a concurrent run's already did.
+        if fs::rename(&partial, &dir).is_err() {
+            let _ = fs::remove_dir_all(&partial);
+            if !dir.join("unpacked").is_file() {
+                bail!("cannot move the fetched kernel into {}", dir.display());
+            }
+        }
     }
-    // Cheap, and it must follow changes to INIT and MODULES: built every time.
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("dke-vm-{}-", kernel.label))
+        .tempdir()
+        .context("creating the run's scratch directory")?;
+    // Cheap, and it must follow changes to INIT and MODULES: built every run.
     let (base, release) = modules_root(&dir.join("root"))?;
-    build_initrd(&dir, &base, &release)?;
-    Ok(dir)
+    build_initrd(scratch.path(), &base, &release)?;
+    Ok((dir, scratch))
 }
 
 /// The modules directory's base (for `modprobe -d`) and the kernel release.
@@ -229,7 +262,8 @@ fn find(root: &Path, sub: &str, prefix: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no {sub}/{prefix}* in {}", root.display()))
 }
 
-/// busybox, the 9p modules (decompressed: busybox insmod reads plain .ko), and the init script.
+/// busybox, the 9p modules (decompressed: busybox insmod reads plain .ko), and the init script,
+/// as `initrd.cpio` in the run's scratch directory `dir`.
 fn build_initrd(dir: &Path, base: &Path, release: &str) -> Result<()> {
     let tree = dir.join("initrd");
     let _ = fs::remove_dir_all(&tree);
@@ -319,12 +353,11 @@ echo "== exit $?" > /dev/ttyS1
 poweroff -f
 "#;
 
-/// Boots the kernel and runs `command`; returns its output when it exits 0.
-fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
-    let console = dir.join("console.log");
-    let out = dir.join("output.log");
-    let _ = fs::remove_file(&console);
-    let _ = fs::remove_file(&out);
+/// Boots the kernel of cache directory `dir` with the initramfs of `scratch` and runs `command`;
+/// returns its output when it exits 0. The console and output files are written to `scratch`.
+fn boot(kernel: &Kernel, dir: &Path, scratch: &Path, command: &str) -> Result<String> {
+    let console = scratch.join("console.log");
+    let out = scratch.join("output.log");
     // The kernel command line carries it to the guest's init; base64 keeps it one word.
     let encoded = {
         use base64::Engine as _;
@@ -355,7 +388,7 @@ fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
         .arg("-kernel")
         .arg(dir.join("vmlinux"))
         .arg("-initrd")
-        .arg(dir.join("initrd.cpio"))
+        .arg(scratch.join("initrd.cpio"))
         .args(["-append", &append])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
