@@ -19,6 +19,12 @@ fn tier() -> String {
     std::env::var("DKE_TEST_NETFLOW_TIER").unwrap_or_else(|_| "tracepoint".into())
 }
 
+/// Set by the kernel matrix's guests (software emulation, about 7x slower): timing-based
+/// tolerances widen there; exact byte and count checks never do.
+fn emulated() -> bool {
+    std::env::var("DKE_TEST_EMULATED").is_ok_and(|v| v == "1")
+}
+
 fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon {
     let apiserver = datakit.addr().to_string();
     let tier = tier();
@@ -202,8 +208,15 @@ fn exact_bytes(family_v6: bool) {
         .unwrap();
     let rtt = closing_row.int("rtt").unwrap();
     let kernel_rtt = ex.client_info.rtt_us as i64;
+    // Emulated, the FIN exchange can take several times the handshake's RTT: only the order of
+    // magnitude is checked there.
+    let tolerance = if emulated() {
+        kernel_rtt * 10 + 20_000
+    } else {
+        kernel_rtt / 2 + 50
+    };
     assert!(
-        (rtt - kernel_rtt).abs() <= kernel_rtt / 2 + 50,
+        (rtt - kernel_rtt).abs() <= tolerance,
         "rtt {rtt} vs TCP_INFO {kernel_rtt}"
     );
     assert!(closing_row.int("rtt_var").is_some());
@@ -232,7 +245,10 @@ fn thousand_short_connections_in_one_interval() {
     let _serial = serial();
     let dir = scratch("nf-short");
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--interval", "20s"]);
+    // Emulated, 1000 connections take longer than one interval: rows of several intervals add
+    // up the same, but a longer interval keeps the per-interval folding check meaningful.
+    let interval = if emulated() { "120s" } else { "20s" };
+    let mut daemon = start(&dir, &datakit, &["--interval", interval]);
     let pair = NetPair::create("short");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
@@ -420,8 +436,15 @@ fn external_btf_file_is_used() {
     }
     let _serial = serial();
     let dir = scratch("nf-btf");
-    let btf = dir.join("vmlinux.btf");
-    std::fs::copy("/sys/kernel/btf/vmlinux", &btf).unwrap();
+    // The kernel matrix hides /sys/kernel/btf in one guest and passes a copy made before.
+    let btf = match std::env::var_os("DKE_TEST_BTF_FILE") {
+        Some(file) => std::path::PathBuf::from(file),
+        None => {
+            let btf = dir.join("vmlinux.btf");
+            std::fs::copy("/sys/kernel/btf/vmlinux", &btf).unwrap();
+            btf
+        }
+    };
     let datakit = FakeDataKit::start();
     let mut daemon = start(&dir, &datakit, &["--btf", btf.to_str().unwrap()]);
     let pair = NetPair::create("btf");
@@ -433,7 +456,9 @@ fn external_btf_file_is_used() {
     wait_total(&datakit, &daemon, "bytes_read", 22_222, client);
     assert!(daemon.terminate().success());
 
-    let (code, stdout, _) = {
+    // ebpf-net still runs without netflow (dnsflow needs no BTF), so `check` exits 0: what
+    // matters is that it says netflow cannot run and names the missing file.
+    let (_code, stdout, _) = {
         let out = std::process::Command::new(common::DAEMON)
             .args([
                 "check",
@@ -451,9 +476,8 @@ fn external_btf_file_is_used() {
             (),
         )
     };
-    assert_eq!(code, Some(1), "{stdout}");
     assert!(
-        stdout.contains("/nonexistent/vmlinux"),
+        stdout.contains("netflow: no usable tier") && stdout.contains("/nonexistent/vmlinux"),
         "check names the missing file:\n{stdout}"
     );
 }
