@@ -61,7 +61,19 @@ fn tiers_under_test() -> Vec<&'static str> {
         assert_eq!(got, expected, "tiers `check` accepts on this kernel");
     }
     assert!(!usable.is_empty(), "no netflow tier can run here");
+    // Known failures the kernel matrix's smoke leaves out (named in its report; the full
+    // `cargo xtask vm-test` still runs them).
+    let skip = std::env::var("DKE_TEST_SKIP_TIERS").unwrap_or_default();
     usable
+        .into_iter()
+        .filter(|tier| {
+            let skipped = skip.split(',').any(|s| s == *tier);
+            if skipped {
+                eprintln!("tier {tier} left out: DKE_TEST_SKIP_TIERS");
+            }
+            !skipped
+        })
+        .collect()
 }
 
 fn emulated() -> bool {
