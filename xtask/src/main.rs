@@ -131,15 +131,15 @@ fn main() -> ExitCode {
             command,
         } => bootstrap(true).and_then(|()| {
             let kernels = vm::select(&kernels)?;
-            let plan = if !command.is_empty() {
+            let (plan, report) = if !command.is_empty() {
                 build_daemon(false)?;
-                matrix::Plan::Command(command.join(" "))
+                (matrix::Plan::Command(command.join(" ")), "command")
             } else if smoke {
-                matrix::Plan::Smoke(test_suite()?)
+                (matrix::Plan::Smoke(test_suite()?), "smoke")
             } else {
-                matrix::Plan::Full(test_suite()?)
+                (matrix::Plan::Full(test_suite()?), "full")
             };
-            matrix::run(&kernels, &plan, &target_dir().join("vm-test"))
+            matrix::run(&kernels, &plan, &target_dir().join("vm-test").join(report))
         }),
         Cmd::Run { args } => run_daemon(args),
     };
@@ -656,7 +656,8 @@ fn test(quick: bool, no_vm: bool, packages: &[String], test_args: &[OsString]) -
             "kernel matrix smoke (cargo xtask vm-test --smoke)".into(),
             Box::new(|| {
                 let plan = matrix::Plan::Smoke(test_suite()?);
-                matrix::run(&vm::select(&[])?, &plan, &target_dir().join("vm-test"))
+                let report = target_dir().join("vm-test").join("smoke");
+                matrix::run(&vm::select(&[])?, &plan, &report)
             }),
         ));
     }
