@@ -52,7 +52,13 @@ fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon
         Duration::from_secs(60),
     );
     if tier == "kprobe" {
-        wait_kprobes_live(datakit, &daemon);
+        // The warm-up's rows come with the first report: wait one interval and a margin.
+        let interval = extra
+            .windows(2)
+            .find(|w| w[0] == "--interval")
+            .and_then(|w| w[1].trim_end_matches('s').parse().ok())
+            .unwrap_or(2);
+        wait_kprobes_live(datakit, &daemon, Duration::from_secs(interval + 6));
     }
     daemon
 }
@@ -62,7 +68,7 @@ fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon
 /// kernel's optimiser rewrites the probed instructions. Until a warm-up exchange of our own is
 /// counted exactly, the tests' ground truth would not be; the warm-up rows carry namespaces of
 /// their own and stay out of every test's sums.
-fn wait_kprobes_live(datakit: &FakeDataKit, daemon: &Daemon) {
+fn wait_kprobes_live(datakit: &FakeDataKit, daemon: &Daemon, report_wait: Duration) {
     for _ in 0..10 {
         let pair = NetPair::create("warm");
         let (client, server) = (pair.a_v4.into(), pair.b_v4.into());
@@ -73,7 +79,7 @@ fn wait_kprobes_live(datakit: &FakeDataKit, daemon: &Daemon) {
             let row = |p: &Point| is_row(p, client, server, "outgoing", client_ns);
             sum(&rows, "bytes_written", row) == 1000 && sum(&rows, "bytes_read", row) == 2000
         };
-        if counted(&datakit.wait_for(Duration::from_secs(8), counted)) {
+        if counted(&datakit.wait_for(report_wait, counted)) {
             return;
         }
     }
@@ -247,7 +253,7 @@ fn thousand_short_connections_in_one_interval() {
     let datakit = FakeDataKit::start();
     // Emulated, 1000 connections take longer than one interval: rows of several intervals add
     // up the same, but a longer interval keeps the per-interval folding check meaningful.
-    let interval = if emulated() { "120s" } else { "20s" };
+    let interval = if emulated() { "60s" } else { "20s" };
     let mut daemon = start(&dir, &datakit, &["--interval", interval]);
     let pair = NetPair::create("short");
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());

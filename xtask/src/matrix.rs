@@ -77,6 +77,9 @@ impl Plan {
             }
         };
         let tiers = kernel.tiers.join(",");
+        // Suites that start netflow only alongside what they test use the kernel's first tier
+        // (the auto choice; fentry needs no kprobe warm-up).
+        let first_tier = format!("DKE_TEST_NETFLOW_TIER={}", kernel.tiers[0]);
         let mut steps = vec![Step {
             name: "check".into(),
             script: format!(
@@ -102,9 +105,9 @@ impl Plan {
                 format!("DKE_TEST_EXPECT_TIERS={tiers} {}", bin("tiers")?),
             );
             step("bash", bin("bash")?);
-            step("dnsflow", bin("dnsflow")?);
+            step("dnsflow", format!("{first_tier} {}", bin("dnsflow")?));
             if suite.tests.contains_key("httpflow") {
-                step("httpflow", bin("httpflow")?);
+                step("httpflow", format!("{first_tier} {}", bin("httpflow")?));
             }
         } else {
             let skip: Vec<&str> = kernel.known_broken.iter().map(|(t, _)| *t).collect();
@@ -123,12 +126,15 @@ impl Plan {
             step(
                 "dnsflow",
                 format!(
-                    "{} --exact udp_a_and_aaaa_to_ipv4_and_ipv6_servers",
+                    "{first_tier} {} --exact udp_a_and_aaaa_to_ipv4_and_ipv6_servers",
                     bin("dnsflow")?
                 ),
             );
             if let Some(test) = smoke_http_test(&suite.httpflow_tests) {
-                step("httpflow", format!("{} --exact {test}", bin("httpflow")?));
+                step(
+                    "httpflow",
+                    format!("{first_tier} {} --exact {test}", bin("httpflow")?),
+                );
             }
         }
         if kernel.hidden_btf {
