@@ -86,7 +86,8 @@ pub const KERNELS: &[Kernel] = &[
 
 /// Guest modules: the 9p mount of the host, veth for the tests' network namespaces, and
 /// netfilter for the retransmit test's `iptables -m statistic` packet loss (Debian's iptables
-/// is the nf_tables variant: nft_compat runs the xt match; the legacy tables are listed too).
+/// is the nf_tables variant: nft_compat runs the xt match, and its rules carry counters, a module
+/// of their own up to 5.1x; the legacy tables are listed too).
 /// Dependencies come along; built-in or missing ones are skipped.
 const MODULES: &[&str] = &[
     "virtio_pci",
@@ -95,6 +96,7 @@ const MODULES: &[&str] = &[
     "veth",
     "nf_tables",
     "nft_compat",
+    "nft_counter",
     "xt_statistic",
     "ip_tables",
     "iptable_filter",
