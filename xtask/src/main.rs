@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
+mod matrix;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -65,11 +66,15 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// The project's test command (README and CI): bootstrap, fmt check, clippy, cargo test.
+    /// The project's test command (README and CI): bootstrap, fmt check, clippy, cargo test, and
+    /// the kernel matrix's smoke (Debian 5.10, 6.1, 6.12, 7.2 under QEMU, two at a time).
     Test {
         /// Skip the fmt and clippy steps.
         #[arg(long)]
         quick: bool,
+        /// Skip the kernel matrix's smoke.
+        #[arg(long)]
+        no_vm: bool,
         /// Test only these packages (default: the workspace's default members).
         #[arg(short = 'p', long = "package", value_name = "SPEC")]
         packages: Vec<String>,
@@ -79,12 +84,17 @@ enum Cmd {
     },
     /// fmt check and clippy, without running the tests.
     Lint,
-    /// Boots Debian kernels (5.10, 6.1, 6.12, 7.2) under QEMU and runs a host command in each
-    /// (default: the daemon's `check`). Kernels are fetched once and cached.
+    /// The kernel matrix: boots Debian kernels (5.10, 6.1, 6.12, 7.2) under QEMU, two at a time,
+    /// and runs the full end-to-end suite in each (netflow at every tier the kernel has, tier
+    /// parity, bash, dnsflow, httpflow, no-BTF), or the smoke, or a host command. Reports per
+    /// kernel and test. Kernels are fetched once and cached.
     VmTest {
         /// Kernels to boot (repeatable; default: all).
         #[arg(long = "kernel", value_name = "LABEL")]
         kernels: Vec<String>,
+        /// Run the smoke of `cargo xtask test` instead of the full suite.
+        #[arg(long)]
+        smoke: bool,
         /// Shell command to run in the guest (host paths; the host root is mounted read-only).
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -112,25 +122,28 @@ fn main() -> ExitCode {
         Cmd::Build { release } => bootstrap(false).and_then(|()| build_daemon(release)),
         Cmd::Test {
             quick,
+            no_vm,
             packages,
             test_args,
-        } => test(quick, &packages, &test_args),
+        } => test(quick, no_vm, &packages, &test_args),
         Cmd::Lint => lint(),
         Cmd::Bench => bootstrap(true).and_then(|()| bench()),
-        Cmd::VmTest { kernels, command } => bootstrap(false)
-            .and_then(|()| build_daemon(false))
-            .and_then(|()| {
-                let command = if command.is_empty() {
-                    let daemon = target_dir().join("debug/datakit-ebpf");
-                    format!(
-                        "{} check --enabled ebpf-net,ebpf-bash || true",
-                        daemon.display()
-                    )
-                } else {
-                    command.join(" ")
-                };
-                vm::vm_test(&kernels, &command)
-            }),
+        Cmd::VmTest {
+            kernels,
+            smoke,
+            command,
+        } => bootstrap(true).and_then(|()| {
+            let kernels = vm::select(&kernels)?;
+            let (plan, report) = if !command.is_empty() {
+                build_daemon(false)?;
+                (matrix::Plan::Command(command.join(" ")), "command")
+            } else if smoke {
+                (matrix::Plan::Smoke(test_suite()?), "smoke")
+            } else {
+                (matrix::Plan::Full(test_suite()?), "full")
+            };
+            matrix::run(&kernels, &plan, &target_dir().join("vm-test").join(report))
+        }),
         Cmd::Run { args } => run_daemon(args),
     };
     match result {
@@ -569,7 +582,51 @@ fn lint() -> Result<()> {
     )
 }
 
-fn test(quick: bool, packages: &[String], test_args: &[OsString]) -> Result<()> {
+/// Builds the daemon and its test binaries (no run) and finds them in cargo's JSON messages.
+fn test_suite() -> Result<matrix::Suite> {
+    let mut cmd = cargo()?;
+    cmd.args([
+        "test",
+        "-p",
+        "datakit-ebpf",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    eprintln!("$ {}", show(&cmd));
+    let messages = output(&mut cmd)?;
+    let mut tests = std::collections::BTreeMap::new();
+    for line in messages.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(exe)) = (
+            is_test,
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+        ) {
+            tests.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    // The smoke picks its HTTP test by name (see matrix::smoke_http_test).
+    let httpflow_tests = match tests.get("httpflow") {
+        Some(bin) => output(Command::new(bin).args(["--list", "--format", "terse"]))?
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .map(String::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(matrix::Suite {
+        daemon: target_dir().join("debug/datakit-ebpf"),
+        tests,
+        httpflow_tests,
+    })
+}
+
+fn test(quick: bool, no_vm: bool, packages: &[String], test_args: &[OsString]) -> Result<()> {
     if !is_root() {
         if in_ci() {
             bail!("`cargo xtask test` must run as root under CI: the eBPF tests load programs");
@@ -595,5 +652,17 @@ fn test(quick: bool, packages: &[String], test_args: &[OsString]) -> Result<()> 
     }
     let name = show(&cmd);
     steps.push((name, Box::new(move || run(cmd))));
+    if !no_vm {
+        // The kernels CI's host is not: fentry and kprobe tiers, older verifiers (README,
+        // "Kernel matrix"). The full suite is `cargo xtask vm-test`.
+        steps.push((
+            "kernel matrix smoke (cargo xtask vm-test --smoke)".into(),
+            Box::new(|| {
+                let plan = matrix::Plan::Smoke(test_suite()?);
+                let report = target_dir().join("vm-test").join("smoke");
+                matrix::run(&vm::select(&[])?, &plan, &report)
+            }),
+        ));
+    }
     run_steps("test", steps)
 }

@@ -4,7 +4,11 @@
 //!
 //! - Kernels are fetched by package name from Debian's archive through a private apt root per
 //!   suite (downloaded and unpacked only, never installed) and cached under
-//!   `~/.cache/datakit-ebpf/kernels/<label>/`.
+//!   `~/.cache/datakit-ebpf/kernels/<label>/`. That directory is only ever read once it exists:
+//!   it is unpacked elsewhere and renamed into place, so concurrent runs (other engineers share
+//!   this machine) never see a half-written kernel.
+//! - Everything else of a run (initramfs, console, output) lives in a scratch directory of its
+//!   own, removed when the run passes and kept (its path printed) when it fails.
 //! - The guest's initramfs is busybox plus the virtio/9p modules of that kernel; it mounts the
 //!   host's `/` read-only over 9p and chroots into it, so the host's binaries (the daemon, the
 //!   test binaries, `ip`, `bpftool`) run unchanged inside, with fresh /proc, /sys, /dev, /tmp, /run.
@@ -15,7 +19,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -37,90 +41,154 @@ pub struct Kernel {
     pub label: &'static str,
     /// `deb` source line of the suite.
     source: &'static str,
+    /// netflow tiers this kernel supports (the parity test checks `check` agrees).
+    pub tiers: &'static [&'static str],
+    /// The kernel where the no-BTF case is tested, with `/sys/kernel/btf` hidden.
+    pub hidden_btf: bool,
+    /// Tiers with a known failure on this kernel, and why: the smoke leaves them out of the
+    /// parity test and says so in its report; the full suite runs them.
+    pub known_broken: &'static [(&'static str, &'static str)],
 }
 
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         label: "5.10",
         source: "http://deb.debian.org/debian-security bullseye-security main",
+        // fentry is refused before 5.13 (detaching fexit from a sleeping receive is unsafe).
+        tiers: &["kprobe"],
+        hidden_btf: false,
+        known_broken: &[],
     },
     Kernel {
         label: "6.1",
         source: "http://deb.debian.org/debian-security bookworm-security main",
+        tiers: &["fentry", "kprobe"],
+        hidden_btf: true,
+        known_broken: &[],
     },
     Kernel {
         label: "6.12",
         source: "http://deb.debian.org/debian trixie main",
+        tiers: &["fentry", "tracepoint", "kprobe"],
+        hidden_btf: false,
+        known_broken: &[],
     },
     Kernel {
         label: "7.2",
         source: "http://deb.debian.org/debian sid main",
+        tiers: &["fentry", "tracepoint", "kprobe"],
+        hidden_btf: false,
+        known_broken: &[],
     },
 ];
 
-/// Guest modules: the 9p mount of the host, and veth for the tests' network namespaces (with
-/// their dependencies; built-in ones are skipped).
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth"];
+/// Guest modules: the 9p mount of the host, veth for the tests' network namespaces, and
+/// netfilter for the retransmit test's `iptables -m statistic` packet loss (Debian's iptables
+/// is the nf_tables variant: nft_compat runs the xt match, and its rules carry counters, a module
+/// of their own up to 5.1x; the legacy tables are listed too).
+/// Dependencies come along; built-in or missing ones are skipped.
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "veth",
+    "nf_tables",
+    "nft_compat",
+    "nft_counter",
+    "xt_statistic",
+    "ip_tables",
+    "iptable_filter",
+    "ip6_tables",
+    "ip6table_filter",
+];
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Runs `command` (a shell command line of the host) in a VM of each kernel in `labels` (all when
-/// empty); prints a pass/fail line per kernel. Fails when any kernel fails.
-pub fn vm_test(labels: &[String], command: &str) -> Result<()> {
-    ensure_packages(VM_PACKAGES)?;
-    let kernels: Vec<&Kernel> = if labels.is_empty() {
-        KERNELS.iter().collect()
-    } else {
-        labels
-            .iter()
-            .map(|l| {
-                KERNELS.iter().find(|k| k.label == l).ok_or_else(|| {
-                    anyhow!(
-                        "unknown kernel {l}; known: {}",
-                        KERNELS
-                            .iter()
-                            .map(|k| k.label)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
+/// The kernels of `labels` (all when empty).
+pub fn select(labels: &[String]) -> Result<Vec<&'static Kernel>> {
+    if labels.is_empty() {
+        return Ok(KERNELS.iter().collect());
+    }
+    labels
+        .iter()
+        .map(|l| {
+            KERNELS.iter().find(|k| k.label == l).ok_or_else(|| {
+                anyhow!(
+                    "unknown kernel {l}; known: {}",
+                    KERNELS
+                        .iter()
+                        .map(|k| k.label)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             })
-            .collect::<Result<_>>()?
-    };
-    let mut results = Vec::new();
-    for kernel in kernels {
-        let started = Instant::now();
-        let result = prepare(kernel).and_then(|dir| boot(kernel, &dir, command));
-        let took = started.elapsed();
-        match &result {
-            Ok(out) => eprintln!("[vm {}] ok in {took:.0?}\n{out}", kernel.label),
-            Err(err) => eprintln!("[vm {}] FAILED in {took:.0?}: {err:#}", kernel.label),
-        }
-        results.push((kernel.label, result.is_ok()));
-    }
-    eprintln!("======== vm-test: summary ========");
-    for (label, ok) in &results {
-        eprintln!("  {}  {label}", if *ok { "ok    " } else { "FAILED" });
-    }
-    if results.iter().any(|(_, ok)| !ok) {
-        bail!("some kernels failed");
-    }
-    Ok(())
+        })
+        .collect()
 }
 
-/// Downloads, unpacks and prepares a kernel once: `vmlinux` (uncompressed, boots faster) and the
-/// initramfs. Returns its cache directory.
-fn prepare(kernel: &Kernel) -> Result<PathBuf> {
-    let dir = cache_dir()?.join("kernels").join(kernel.label);
-    let done = dir.join("unpacked");
-    if !done.is_file() {
-        fetch(kernel, &dir)?;
-        fs::write(&done, "")?;
+/// Host packages the VMs need, installed when missing.
+pub fn ensure_host_packages() -> Result<()> {
+    ensure_packages(VM_PACKAGES)
+}
+
+/// One guest run: what the script printed, its exit status, and the scratch directory with
+/// the console (kept on request, for failures).
+pub struct GuestRun {
+    pub output: String,
+    /// The script's exit status; None when it did not finish.
+    pub exit: Option<i32>,
+    /// Killed by the boot timeout.
+    pub hung: bool,
+    scratch: tempfile::TempDir,
+}
+
+impl GuestRun {
+    /// Keeps the scratch directory (console, output, initramfs) and returns the console's path.
+    pub fn keep_console(self) -> PathBuf {
+        self.scratch.keep().join("console.log")
     }
-    // Cheap, and it must follow changes to INIT and MODULES: built every time.
+}
+
+/// Boots `kernel` (fetched and cached on first use) and runs the shell `script` of the host in
+/// it, chrooted into the host's root; kills the guest after `timeout`.
+pub fn run_in_guest(kernel: &Kernel, script: &str, timeout: Duration) -> Result<GuestRun> {
+    let (dir, scratch) = prepare(kernel, script)?;
+    boot(&dir, scratch, timeout)
+}
+
+/// The kernel's shared cache directory (`vmlinux`, uncompressed because it boots faster, and the
+/// unpacked packages), downloaded once; and this run's scratch directory with its initramfs.
+fn prepare(kernel: &Kernel, script: &str) -> Result<(PathBuf, tempfile::TempDir)> {
+    let kernels = cache_dir()?.join("kernels");
+    let dir = kernels.join(kernel.label);
+    if !dir.join("unpacked").is_file() {
+        fs::create_dir_all(&kernels)?;
+        let partial = kernels.join(format!(".{}.partial-{}", kernel.label, std::process::id()));
+        let _ = fs::remove_dir_all(&partial);
+        fetch(kernel, &partial)?;
+        fs::write(partial.join("unpacked"), "")?;
+        // A directory without the marker is an interrupted fetch of an older xtask: moved away
+        // first, as a rename cannot replace a non-empty directory.
+        if dir.exists() && !dir.join("unpacked").is_file() {
+            let stale = kernels.join(format!(".{}.stale-{}", kernel.label, std::process::id()));
+            if fs::rename(&dir, &stale).is_ok() {
+                let _ = fs::remove_dir_all(&stale);
+            }
+        }
+        // Atomic: either this run's copy lands, or a concurrent run's already did.
+        if fs::rename(&partial, &dir).is_err() {
+            let _ = fs::remove_dir_all(&partial);
+            if !dir.join("unpacked").is_file() {
+                bail!("cannot move the fetched kernel into {}", dir.display());
+            }
+        }
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("dke-vm-{}-", kernel.label))
+        .tempdir()
+        .context("creating the run's scratch directory")?;
+    // Cheap, and it must follow changes to INIT and MODULES: built every run.
     let (base, release) = modules_root(&dir.join("root"))?;
-    build_initrd(&dir, &base, &release)?;
-    Ok(dir)
+    build_initrd(scratch.path(), &base, &release, script)?;
+    Ok((dir, scratch))
 }
 
 /// The modules directory's base (for `modprobe -d`) and the kernel release.
@@ -229,8 +297,10 @@ fn find(root: &Path, sub: &str, prefix: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no {sub}/{prefix}* in {}", root.display()))
 }
 
-/// busybox, the 9p modules (decompressed: busybox insmod reads plain .ko), and the init script.
-fn build_initrd(dir: &Path, base: &Path, release: &str) -> Result<()> {
+/// busybox, the modules (decompressed: busybox insmod reads plain .ko), the init script and the
+/// guest's script (`/cmd`; the kernel command line is too short for it), as `initrd.cpio` in the
+/// run's scratch directory `dir`.
+fn build_initrd(dir: &Path, base: &Path, release: &str, script: &str) -> Result<()> {
     let tree = dir.join("initrd");
     let _ = fs::remove_dir_all(&tree);
     for sub in ["bin", "dev", "proc", "sys", "host", "mods"] {
@@ -277,6 +347,7 @@ fn build_initrd(dir: &Path, base: &Path, release: &str) -> Result<()> {
         }
     }
     fs::write(tree.join("mods/order"), order.join("\n") + "\n")?;
+    fs::write(tree.join("cmd"), script)?;
     let init = tree.join("init");
     fs::write(&init, INIT)?;
     use std::os::unix::fs::PermissionsExt as _;
@@ -293,8 +364,8 @@ fn build_initrd(dir: &Path, base: &Path, release: &str) -> Result<()> {
     Ok(())
 }
 
-/// The guest's init: modules, the host root over 9p, the command (from the kernel command
-/// line's `dkcmd=` file) in a chroot, its status on the second serial port, power off.
+/// The guest's init: modules, the host root over 9p, the script (`/cmd`) in a chroot, its
+/// status on the second serial port, power off.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -313,28 +384,20 @@ mkdir -p /host/run/netns
 ip link set lo up
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 echo "== uname $(uname -r)" > /dev/ttyS1
-cmd=$(cat /proc/cmdline | sed -n 's/.*dkcmd=\([^ ]*\).*/\1/p')
-chroot /host /bin/sh -c "$(echo "$cmd" | base64 -d)" > /dev/ttyS1 2>&1
+chroot /host /bin/sh -c "$(cat /cmd)" > /dev/ttyS1 2>&1
 echo "== exit $?" > /dev/ttyS1
 poweroff -f
 "#;
 
-/// Boots the kernel and runs `command`; returns its output when it exits 0.
-fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
-    let console = dir.join("console.log");
-    let out = dir.join("output.log");
-    let _ = fs::remove_file(&console);
-    let _ = fs::remove_file(&out);
-    // The kernel command line carries it to the guest's init; base64 keeps it one word.
-    let encoded = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(command.as_bytes())
-    };
-    let append =
-        format!("console=ttyS0 panic=-1 oops=panic mitigations=off nokaslr quiet dkcmd={encoded}");
-    let timeout = BOOT_TIMEOUT.as_secs().to_string();
+/// Boots the kernel of cache directory `dir` with the initramfs of `scratch`; the console and
+/// the script's output are written to `scratch`.
+fn boot(dir: &Path, scratch: tempfile::TempDir, timeout: Duration) -> Result<GuestRun> {
+    let console = scratch.path().join("console.log");
+    let out = scratch.path().join("output.log");
+    let append = "console=ttyS0 panic=-1 oops=panic mitigations=off nokaslr quiet";
     let status = Command::new("timeout")
-        .args(["--kill-after=10", &timeout, "qemu-system-x86_64"])
+        .args(["--kill-after=10", &timeout.as_secs().to_string()])
+        .arg("qemu-system-x86_64")
         .args([
             "-accel",
             "tcg,thread=multi",
@@ -355,8 +418,8 @@ fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
         .arg("-kernel")
         .arg(dir.join("vmlinux"))
         .arg("-initrd")
-        .arg(dir.join("initrd.cpio"))
-        .args(["-append", &append])
+        .arg(scratch.path().join("initrd.cpio"))
+        .args(["-append", append])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -368,32 +431,18 @@ fn boot(kernel: &Kernel, dir: &Path, command: &str) -> Result<String> {
         .current_dir(workspace_root())
         .status()
         .context("starting qemu-system-x86_64")?;
-    let text = fs::read_to_string(&out).unwrap_or_default();
-    if status.code() == Some(124) || status.code() == Some(137) {
-        bail!(
-            "guest hung: killed after {timeout} s; console kept at {}",
-            console.display()
-        );
-    }
-    let exit = text
+    let output = fs::read_to_string(&out).unwrap_or_default();
+    let exit = output
         .lines()
         .rev()
         .find_map(|l| l.strip_prefix("== exit "))
-        .ok_or_else(|| {
-            anyhow!(
-                "the command did not finish; console kept at {}",
-                console.display()
-            )
-        })?;
-    if exit.trim() != "0" {
-        bail!(
-            "exit status {} in the guest (kernel {}); output:\n{text}\nconsole kept at {}",
-            exit.trim(),
-            kernel.label,
-            console.display()
-        );
-    }
-    Ok(text)
+        .and_then(|e| e.trim().parse().ok());
+    Ok(GuestRun {
+        output,
+        exit,
+        hung: matches!(status.code(), Some(124) | Some(137)),
+        scratch,
+    })
 }
 
 /// A private apt configuration for one suite: lists and downloads only, nothing installed.
