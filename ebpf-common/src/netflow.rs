@@ -30,8 +30,10 @@ pub const NETFLOW_STAT_MAP_FULL: u32 = 0;
 pub const NETFLOW_STAT_RINGBUF_FULL: u32 = 1;
 /// A kernel memory read failed (the event was skipped).
 pub const NETFLOW_STAT_READ_FAILED: u32 = 2;
+/// An event skipped: our programs were nested deeper on one CPU than they have scratch room for.
+pub const NETFLOW_STAT_NESTED: u32 = 3;
 /// Number of counters.
-pub const NETFLOW_STAT_COUNT: u32 = 3;
+pub const NETFLOW_STAT_COUNT: u32 = 4;
 
 /// Seen going SYN_SENT → ESTABLISHED (we connected).
 pub const CONN_F_OUTGOING: u32 = 1 << 0;

@@ -53,8 +53,8 @@ mod probe {
     use ebpf_common::netflow::{
         AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
         ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
-        NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets,
-        REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
+        NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
+        NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -132,9 +132,54 @@ mod probe {
 
     /// Per-CPU room to build records in: BPF stacks are 512 bytes for a whole call chain, and
     /// records copied on the stack in nested calls exceed it on stricter verifiers (6.12).
-    /// Slot 0: `describe`; slot 1: new UDP flows.
+    /// Two slots per nesting level (see [`Nest`]): `describe`, then new UDP flows.
     #[map]
-    static SCRATCH: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(2, 0);
+    static SCRATCH: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(2 * NEST_LEVELS, 0);
+
+    /// How deep our programs are nested on this CPU: a program in process context can be
+    /// interrupted by one in softirq context (a TCP state change on packet receipt) on the same
+    /// CPU, and each level must build its records in scratch slots of its own, or the outer
+    /// program inserts the inner one's connection under its own key.
+    #[map]
+    static NEST: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+    const NEST_LEVELS: u32 = 4;
+
+    /// One level of nesting, held for a program's run; dropping it restores the depth.
+    struct Nest(u32);
+
+    impl Nest {
+        /// Enters a level on this CPU; None (counted) when nested deeper than NEST_LEVELS.
+        #[inline(always)]
+        fn enter() -> Option<Nest> {
+            let depth = NEST.get_ptr_mut(0)?;
+            // SAFETY: this CPU's counter; nested runs restore it before we resume.
+            let level = unsafe { *depth };
+            if level >= NEST_LEVELS {
+                count(NETFLOW_STAT_NESTED);
+                return None;
+            }
+            unsafe { *depth = level + 1 };
+            Some(Nest(level))
+        }
+
+        /// Scratch slot `which` (0 or 1) of this level.
+        #[inline(always)]
+        fn scratch(&self, which: u32) -> Option<&'static mut ConnInfo> {
+            let slot = SCRATCH.get_ptr_mut((self.0 & (NEST_LEVELS - 1)) * 2 + which)?;
+            // SAFETY: this CPU's slot for this nesting level, used by no other run.
+            Some(unsafe { &mut *slot })
+        }
+    }
+
+    impl Drop for Nest {
+        fn drop(&mut self) {
+            if let Some(depth) = NEST.get_ptr_mut(0) {
+                // SAFETY: this CPU's counter.
+                unsafe { *depth = self.0 };
+            }
+        }
+    }
 
     #[map]
     static NETFLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NETFLOW_STAT_COUNT, 0);
@@ -433,13 +478,16 @@ mod probe {
         let info = match NETFLOW_CONNS.get_ptr_mut(&key) {
             Some(info) => info,
             None => {
-                let Some(new) = describe(sk) else {
+                let Some(nest) = Nest::enter() else {
+                    return;
+                };
+                let Some(new) = describe(sk, &nest) else {
                     return;
                 };
                 // An unconnected UDP socket has no peer: the syscall tracepoints know it.
                 if new.dport == 0 {
                     if new.protocol == IPPROTO_UDP {
-                        unconnected_udp(key, new, sent, recv);
+                        unconnected_udp(key, new, sent, recv, &nest);
                     }
                     return;
                 }
@@ -478,10 +526,13 @@ mod probe {
 
     fn on_state(sk: *const u8, old: i32, new: i32) -> Result<(), ()> {
         let key = sk as u64;
+        let Some(nest) = Nest::enter() else {
+            return Ok(());
+        };
         match new {
             TCP_SYN_SENT => {
                 // connect(): the only state change made in the connecting process's context.
-                if let Some(info) = describe(sk) {
+                if let Some(info) = describe(sk, &nest) {
                     set_process(info);
                     track(key, info);
                 }
@@ -492,7 +543,7 @@ mod probe {
                     TCP_SYN_RECV => CONN_F_INCOMING,
                     _ => 0,
                 };
-                let Some(fresh) = describe(sk) else {
+                let Some(fresh) = describe(sk, &nest) else {
                     return Ok(());
                 };
                 match NETFLOW_CONNS.get_ptr_mut(&key) {
@@ -544,13 +595,13 @@ mod probe {
 
     /// A datagram on an unconnected UDP socket. Sends are counted now, with the peer recorded at
     /// syscall entry; receives when the syscall returns, once the peer address is written.
-    fn unconnected_udp(sock: u64, template: &ConnInfo, sent: u64, recv: u64) {
+    fn unconnected_udp(sock: u64, template: &ConnInfo, sent: u64, recv: u64, nest: &Nest) {
         let thread = bpf_get_current_pid_tgid();
         if sent > 0 {
             // SAFETY: a copy out of the map value.
             if let Some(peer) = unsafe { UDP_SEND_PEER.get(&thread) }.copied() {
                 let _ = UDP_SEND_PEER.remove(&thread);
-                udp_flow(sock, template, &peer, sent, 0);
+                udp_flow(sock, template, &peer, sent, 0, nest);
             }
         } else if let Some(call) = UDP_RECV.get_ptr_mut(&thread) {
             // SAFETY: this thread's own entry.
@@ -562,7 +613,9 @@ mod probe {
     }
 
     /// Adds to the (socket, peer) flow, creating it: a flow begun by a receive is incoming.
-    fn udp_flow(sock: u64, template: &ConnInfo, peer: &Peer, sent: u64, recv: u64) {
+    // Inlined: BPF calls take at most five arguments.
+    #[inline(always)]
+    fn udp_flow(sock: u64, template: &ConnInfo, peer: &Peer, sent: u64, recv: u64, nest: &Nest) {
         let key = UdpFlowKey {
             sock,
             peer: peer.addr,
@@ -578,11 +631,10 @@ mod probe {
             }
             return;
         }
-        let Some(slot) = SCRATCH.get_ptr_mut(1) else {
+        // Slot 1 of this level (slot 0 may hold `template`).
+        let Some(info) = nest.scratch(1) else {
             return;
         };
-        // SAFETY: this CPU's slot 1 (slot 0 may hold `template`).
-        let info = unsafe { &mut *slot };
         *info = *template;
         info.daddr = peer.addr;
         info.dport = peer.port;
@@ -696,8 +748,11 @@ mod probe {
         let Some(peer) = read_sockaddr(name) else {
             return 0;
         };
-        if let Some(template) = describe(call.sock as *const u8) {
-            udp_flow(call.sock, template, &peer, 0, call.bytes);
+        let Some(nest) = Nest::enter() else {
+            return 0;
+        };
+        if let Some(template) = describe(call.sock as *const u8, &nest) {
+            udp_flow(call.sock, template, &peer, 0, call.bytes, &nest);
         }
         0
     }
@@ -740,8 +795,8 @@ mod probe {
     /// until the program returns); None for any other socket, or when a read fails (counted).
     /// A plain Option: it comes back in a register, where verifiers keep the pointer's type.
     #[inline(always)]
-    fn describe(sk: *const u8) -> Option<&'static mut ConnInfo> {
-        match describe_into(sk) {
+    fn describe(sk: *const u8, nest: &Nest) -> Option<&'static mut ConnInfo> {
+        match describe_into(sk, nest) {
             Ok(found) => found,
             Err(()) => {
                 count(NETFLOW_STAT_READ_FAILED);
@@ -751,7 +806,7 @@ mod probe {
     }
 
     #[inline(always)]
-    fn describe_into(sk: *const u8) -> Result<Option<&'static mut ConnInfo>, ()> {
+    fn describe_into(sk: *const u8, nest: &Nest) -> Result<Option<&'static mut ConnInfo>, ()> {
         let off = offsets();
         let family: u16 = read(sk, off.skc_family)?;
         if family != AF_INET && family != AF_INET6 {
@@ -771,9 +826,7 @@ mod probe {
         {
             return Ok(None);
         }
-        let slot = SCRATCH.get_ptr_mut(0).ok_or(())?;
-        // SAFETY: this CPU's slot; a program runs to completion on one CPU.
-        let info = unsafe { &mut *slot };
+        let info = nest.scratch(0).ok_or(())?;
         *info = ConnInfo::default();
         info.family = family;
         info.protocol = protocol;

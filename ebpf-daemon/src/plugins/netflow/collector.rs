@@ -16,8 +16,9 @@ use aya::{
 };
 use ebpf_common::netflow::{
     CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
-    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP,
-    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
+    NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL,
+    STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL,
+    UdpFlowKey,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -59,6 +60,10 @@ const LOSSES: &[(u32, &str)] = &[
     (
         NETFLOW_STAT_READ_FAILED,
         "events skipped: kernel memory read failed",
+    ),
+    (
+        NETFLOW_STAT_NESTED,
+        "events skipped: programs nested too deep on one CPU",
     ),
 ];
 
