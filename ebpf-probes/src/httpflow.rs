@@ -10,10 +10,11 @@
 //!   every kernel this project supports, unlike kprobes and trampolines (absent on its CI host).
 //! - `sock:inet_sock_set_state` to CLOSE: the classification is forgotten (the kernel reuses
 //!   socket memory) and the daemon told that the connection ended.
-//! - fentry tier (instead of the syscall tracepoints, where BPF trampolines exist): fentry and
-//!   fexit on `inet_sendmsg`/`inet_recvmsg` (and inet6_*). Since syscall tracepoints became
-//!   faultable (6.14+) their programs run preemptibly and the kernel skips a run on a CPU where
-//!   another is preempted mid-way, losing calls; trampolines run these programs to the end.
+//! - fentry tier (opt-in, instead of the syscall tracepoints): fentry and fexit on
+//!   `inet_sendmsg`/`inet_recvmsg` (and inet6_*). Since syscall tracepoints became faultable
+//!   (6.14+) their programs run preemptibly and the kernel skips a run on a CPU where another
+//!   is preempted mid-way, losing calls; trampoline programs are preemptible too under full or
+//!   lazy preemption, so each hook has twin programs (below).
 //!   The fentry half takes the socket and the user buffer from `struct msghdr`'s iterator
 //!   (before the call advances it), the fexit half classifies and captures as above.
 //! - OpenSSL uprobes (`httpflow-tls`): `SSL_read`/`SSL_write`(`_ex`) remember the plain-text
