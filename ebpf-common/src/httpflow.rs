@@ -14,6 +14,8 @@ pub const STATS_MAP: &str = "HTTPFLOW_STATS";
 pub const SOCKS_MAP: &str = "HTTPFLOW_SOCKS";
 /// Name of the read-only global holding [`HttpOffsets`].
 pub const OFFSETS_GLOBAL: &str = "HTTP_OFFSETS";
+/// Name of the read-only global holding [`IterOffsets`] (fentry tier).
+pub const ITER_OFFSETS_GLOBAL: &str = "HTTP_ITER_OFFSETS";
 /// Name of the read-only u32 global: the daemon's own tgid (its I/O is never captured).
 pub const OWN_PID_GLOBAL: &str = "HTTP_OWN_PID";
 
@@ -89,6 +91,29 @@ pub struct HttpOffsets {
 
 crate::assert_size!(HttpOffsets, 80);
 
+/// Where the fentry tier finds the user buffer of a `struct msghdr` (from BTF: the layout of
+/// `struct iov_iter` changed in 5.14, 6.0 and 6.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IterOffsets {
+    /// `struct msghdr`: `msg_iter` (struct iov_iter)
+    pub msghdr_msg_iter: u32,
+    /// `struct iov_iter`: `iter_type` (u8)
+    pub iter_type: u32,
+    /// `struct iov_iter`: `iov_offset` (size_t), bytes already consumed of the current segment
+    pub iter_iov_offset: u32,
+    /// `struct iov_iter`: `ubuf` (void __user *) of an ITER_UBUF iterator
+    pub iter_ubuf: u32,
+    /// `struct iov_iter`: `__iov` (6.4+) or `iov` (const struct iovec *) of an ITER_IOVEC one
+    pub iter_iov: u32,
+    /// Values of `enum iter_type`: ITER_UBUF (u32::MAX when the kernel has none) and ITER_IOVEC.
+    pub type_ubuf: u32,
+    pub type_iovec: u32,
+    pub _pad: u32,
+}
+
+crate::assert_size!(IterOffsets, 32);
+
 /// Classification of one socket (value of [`SOCKS_MAP`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,5 +167,6 @@ crate::assert_size!(HttpEvent, 112 + CAPTURE);
 mod user {
     // SAFETY: plain repr(C) data without padding holes.
     unsafe impl aya::Pod for super::HttpOffsets {}
+    unsafe impl aya::Pod for super::IterOffsets {}
     unsafe impl aya::Pod for super::SockState {}
 }

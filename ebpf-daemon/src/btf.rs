@@ -8,7 +8,10 @@ use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
-use ebpf_common::{httpflow::HttpOffsets, netflow::NetOffsets};
+use ebpf_common::{
+    httpflow::{HttpOffsets, IterOffsets},
+    netflow::NetOffsets,
+};
 
 /// Default location of the kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -28,6 +31,8 @@ pub const FUNCTIONS: &[&str] = &[
     "inet6_sendmsg",
     "inet_recvmsg",
     "inet6_recvmsg",
+    // httpflow's fentry tier: sendfile before 6.5.
+    "inet_sendpage",
 ];
 
 /// What the daemon needs to know from the kernel's BTF.
@@ -35,6 +40,7 @@ pub const FUNCTIONS: &[&str] = &[
 pub struct KernelBtf {
     offsets: Result<NetOffsets, String>,
     http_offsets: Result<HttpOffsets, String>,
+    iter_offsets: Result<IterOffsets, String>,
     tracepoints: HashSet<&'static str>,
     functions: HashSet<&'static str>,
 }
@@ -56,9 +62,11 @@ impl KernelBtf {
             .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         let http_offsets = http_offsets(&btf).map_err(|err| format!("{err:#}"));
+        let iter_offsets = iter_offsets(&btf).map_err(|err| format!("{err:#}"));
         Ok(KernelBtf {
             offsets,
             http_offsets,
+            iter_offsets,
             tracepoints,
             functions,
         })
@@ -73,6 +81,11 @@ impl KernelBtf {
     /// Offsets for the httpflow programs (fd → socket walk and connection tuple).
     pub fn http_offsets(&self) -> anyhow::Result<HttpOffsets> {
         self.http_offsets.clone().map_err(|err| anyhow!("{err}"))
+    }
+
+    /// Offsets for httpflow's fentry tier (user buffer of a `struct msghdr`).
+    pub fn iter_offsets(&self) -> anyhow::Result<IterOffsets> {
+        self.iter_offsets.clone().map_err(|err| anyhow!("{err}"))
     }
 
     /// True when the kernel has the BTF-typed tracepoint `name` (one of [`TRACEPOINTS`]).
@@ -175,6 +188,61 @@ fn http_offsets(btf: &TypeInformation) -> anyhow::Result<HttpOffsets> {
         net_ns_inum: net.net_ns_inum,
         _pad: 0,
     })
+}
+
+/// `struct iov_iter` as the fentry tier reads it. Only kernels with `u8 iter_type` (5.14+) are
+/// supported: before, `type` mixed the kind with direction bits.
+fn iter_offsets(btf: &TypeInformation) -> anyhow::Result<IterOffsets> {
+    let iter = find(
+        btf,
+        "iov_iter",
+        |t| matches!(t, TypeVariant::Struct(s) if !s.member_list().is_empty()),
+    )
+    .ok_or_else(|| anyhow!("the kernel's BTF has no struct iov_iter"))?;
+    let iter_size = btf
+        .size_of(iter)
+        .map_err(|err| anyhow!("struct iov_iter: {}", err.message()))?;
+    // 6.4 renamed `iov` to `__iov` (and made ITER_UBUF share its slot).
+    let iter_iov = field_offset(btf, "iov_iter", "__iov", 8)
+        .or_else(|_| field_offset(btf, "iov_iter", "iov", 8))?;
+    let values = enum_values(btf, "iter_type")?;
+    let value = |name: &str| values.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let type_iovec =
+        value("ITER_IOVEC").ok_or_else(|| anyhow!("enum iter_type has no ITER_IOVEC"))?;
+    // ITER_UBUF (6.0+): a single user buffer, what most send/recv calls use since.
+    let (type_ubuf, iter_ubuf) = match value("ITER_UBUF") {
+        Some(v) => (v, field_offset(btf, "iov_iter", "ubuf", 8)?),
+        None => (u32::MAX, 0),
+    };
+    Ok(IterOffsets {
+        msghdr_msg_iter: field_offset(btf, "msghdr", "msg_iter", iter_size)?,
+        iter_type: field_offset(btf, "iov_iter", "iter_type", 1)?,
+        iter_iov_offset: field_offset(btf, "iov_iter", "iov_offset", 8)?,
+        iter_ubuf,
+        iter_iov,
+        type_ubuf,
+        type_iovec,
+        _pad: 0,
+    })
+}
+
+/// (name, value) of every member of `enum <name>`.
+fn enum_values(btf: &TypeInformation, name: &str) -> anyhow::Result<Vec<(String, u32)>> {
+    let id = find(btf, name, |t| matches!(t, TypeVariant::Enum(_)))
+        .ok_or_else(|| anyhow!("the kernel's BTF has no enum {name}"))?;
+    let Some(TypeVariant::Enum(e)) = btf.from_id(id) else {
+        bail!("the kernel's BTF has no enum {name}");
+    };
+    Ok(e.named_value_list()
+        .iter()
+        .map(|v| {
+            let value = match v.value {
+                btfparse::Integer32Value::Signed(v) => v as u32,
+                btfparse::Integer32Value::Unsigned(v) => v,
+            };
+            (v.name.clone(), value)
+        })
+        .collect())
 }
 
 /// Byte offset of `path` (dotted member names; anonymous structs and unions are looked into)
@@ -326,9 +394,11 @@ mod tests {
         // On every kernel of the matrix (sock_send_length only from 6.3).
         assert!(k.has_tracepoint("inet_sock_set_state"));
         assert!(k.has_tracepoint("tcp_retransmit_skb"));
-        for function in FUNCTIONS {
+        // inet_sendpage is gone since 6.5.
+        for function in FUNCTIONS.iter().filter(|f| **f != "inet_sendpage") {
             assert!(k.has_function(function), "{function}");
         }
+        assert!(k.iter_offsets().is_ok(), "{:?}", k.iter_offsets());
         assert!(!k.has_function("no_such_function"));
         assert!(!k.has_tracepoint("no_such_tracepoint"));
         assert!(k.net_offsets().is_ok());

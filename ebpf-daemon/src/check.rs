@@ -58,7 +58,11 @@ pub fn report(config: &Config, kernel: &Kernel) -> (String, bool) {
     // ebpf-net's application protocols (`l7net_enabled`).
     for l7 in L7Protocol::ALL {
         let enabled = config.enabled.contains(&Plugin::Net) && config.l7net.contains(&l7);
-        let availability = plugins::httpflow::availability(kernel, l7 == L7Protocol::HttpFlowTls);
+        let availability = plugins::httpflow::availability(
+            kernel,
+            config.httpflow_tier,
+            l7 == L7Protocol::HttpFlowTls,
+        );
         if enabled && !availability.can_run {
             all_ok = false;
         }

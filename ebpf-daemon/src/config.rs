@@ -197,6 +197,8 @@ pub struct Config {
     pub netflow_include_loopback: bool,
     /// httpflow: replace numeric and UUID-like path segments with `:id`.
     pub httpflow_path_normalize: bool,
+    /// httpflow capture tier (`--httpflow-tier`); `Auto` is syscalls for now.
+    pub httpflow_tier: HttpflowTier,
     /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
     /// every send and receive call, hence off by default).
     pub netflow_udp_unconnected: bool,
@@ -357,6 +359,7 @@ struct Layer {
     dnsflow_timeout: Option<Duration>,
     dnsflow_interval: Option<Duration>,
     httpflow_path_normalize: Option<bool>,
+    httpflow_tier: Option<HttpflowTier>,
     pprof_host: Option<String>,
     pprof_port: Option<String>,
     host_root: Option<PathBuf>,
@@ -401,6 +404,7 @@ impl Layer {
             httpflow_path_normalize: higher
                 .httpflow_path_normalize
                 .or(self.httpflow_path_normalize),
+            httpflow_tier: higher.httpflow_tier.or(self.httpflow_tier),
             netflow_udp_unconnected: higher
                 .netflow_udp_unconnected
                 .or(self.netflow_udp_unconnected),
@@ -544,6 +548,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
         httpflow_path_normalize: m.httpflow_path_normalize.unwrap_or(false),
+        httpflow_tier: m.httpflow_tier.unwrap_or(HttpflowTier::Auto),
         netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
         dnsflow_timeout: m.dnsflow_timeout.unwrap_or(DEFAULT_DNSFLOW_TIMEOUT),
         dnsflow_interval,
@@ -775,6 +780,38 @@ fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
     }
 }
 
+/// How httpflow captures calls (`--httpflow-tier`, `DKE_HTTPFLOW_TIER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpflowTier {
+    /// The default tier: currently syscalls (fentry is opt-in, README "httpflow").
+    Auto,
+    /// Syscall tracepoints (read/write/send/recv families).
+    Syscalls,
+    /// fentry/fexit on the INET socket layer (inet_sendmsg/inet_recvmsg).
+    Fentry,
+}
+
+impl HttpflowTier {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Syscalls => "syscalls",
+            Self::Fentry => "fentry",
+        }
+    }
+}
+
+fn parse_httpflow_tier(s: &str) -> Result<HttpflowTier, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => Ok(HttpflowTier::Auto),
+        "syscalls" => Ok(HttpflowTier::Syscalls),
+        "fentry" => Ok(HttpflowTier::Fentry),
+        other => Err(format!(
+            "unknown httpflow tier `{other}`; valid tiers are: auto, syscalls, fentry"
+        )),
+    }
+}
+
 /// Upper bound of `--netflow-max-conns` (about 1 GB of kernel memory).
 const MAX_NETFLOW_CONNS: usize = 4_000_000;
 
@@ -969,6 +1006,9 @@ fn layer_from_cli(
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
     l.httpflow_path_normalize = a.httpflow_path_normalize;
+    if let Some(s) = &a.httpflow_tier {
+        l.httpflow_tier = Some(parse_httpflow_tier(s).map_err(at("--httpflow-tier"))?);
+    }
     l.netflow_udp_unconnected = a.netflow_udp_unconnected;
     if let Some(s) = &a.dnsflow_timeout {
         l.dnsflow_timeout = Some(
@@ -1058,6 +1098,9 @@ fn layer_from_env(
     }
     if let Some(v) = set("DKE_LOG_LEVEL") {
         l.log_level = Some(parse_log_level(&v).map_err(at("DKE_LOG_LEVEL"))?);
+    }
+    if let Some(v) = set("DKE_HTTPFLOW_TIER") {
+        l.httpflow_tier = Some(parse_httpflow_tier(&v).map_err(at("DKE_HTTPFLOW_TIER"))?);
     }
     if let Some(v) = set("DKE_NETFLOW_TIER") {
         l.netflow_tier = Some(parse_netflow_tier(&v).map_err(at("DKE_NETFLOW_TIER"))?);
@@ -1182,6 +1225,7 @@ const FILE_KEYS: &[&str] = &[
     "dnsflow_timeout",
     "dnsflow_interval",
     "httpflow_path_normalize",
+    "httpflow_tier",
 ];
 
 /// The file's three layers, lowest first: `envs`, `args`, keys.
@@ -1561,6 +1605,9 @@ fn parse_ebpf_table(
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
             "httpflow_path_normalize" => l.httpflow_path_normalize = Some(cx.boolean(key, v)?),
+            "httpflow_tier" => {
+                l.httpflow_tier = Some(parse_httpflow_tier(&cx.string(key, v)?).map_err(at)?)
+            }
             "netflow_udp_unconnected" => l.netflow_udp_unconnected = Some(cx.boolean(key, v)?),
             "dnsflow_timeout" => {
                 l.dnsflow_timeout = Some(check_dnsflow_timeout(cx.duration(key, v)?).map_err(at)?)
@@ -1620,6 +1667,30 @@ mod tests {
 
     fn cfg(args: &[&str]) -> Config {
         cfg_env(args, &[]).unwrap()
+    }
+
+    #[test]
+    fn httpflow_tier_from_flag_env_and_default() {
+        assert_eq!(cfg(&["x", "run"]).httpflow_tier, HttpflowTier::Auto);
+        assert_eq!(
+            cfg(&["x", "run", "--httpflow-tier", "FENTRY"]).httpflow_tier,
+            HttpflowTier::Fentry
+        );
+        let c = cfg_env(&["x", "run"], &[("DKE_HTTPFLOW_TIER", "syscalls")]).unwrap();
+        assert_eq!(c.httpflow_tier, HttpflowTier::Syscalls);
+        // The flag wins over the environment.
+        let c = cfg_env(
+            &["x", "run", "--httpflow-tier", "fentry"],
+            &[("DKE_HTTPFLOW_TIER", "syscalls")],
+        )
+        .unwrap();
+        assert_eq!(c.httpflow_tier, HttpflowTier::Fentry);
+        let err = cfg_env(&["x", "run", "--httpflow-tier", "kprobe"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("valid tiers are: auto, syscalls, fentry"),
+            "{err}"
+        );
     }
 
     /// Writes `text` to a unique temporary file and returns its path.

@@ -10,6 +10,13 @@
 //!   every kernel this project supports, unlike kprobes and trampolines (absent on its CI host).
 //! - `sock:inet_sock_set_state` to CLOSE: the classification is forgotten (the kernel reuses
 //!   socket memory) and the daemon told that the connection ended.
+//! - fentry tier (opt-in, instead of the syscall tracepoints): fentry and fexit on
+//!   `inet_sendmsg`/`inet_recvmsg` (and inet6_*). Since syscall tracepoints became faultable
+//!   (6.14+) their programs run preemptibly and the kernel skips a run on a CPU where another
+//!   is preempted mid-way, losing calls; trampoline programs are preemptible too under full or
+//!   lazy preemption, so each hook has twin programs (below).
+//!   The fentry half takes the socket and the user buffer from `struct msghdr`'s iterator
+//!   (before the call advances it), the fexit half classifies and captures as above.
 //! - OpenSSL uprobes (`httpflow-tls`): `SSL_read`/`SSL_write`(`_ex`) remember the plain-text
 //!   buffer per thread; the syscall the library makes meanwhile names the socket (and is not
 //!   classified itself: it carries ciphertext); the return sends the plain text as for a plain
@@ -27,14 +34,14 @@ mod probe {
             bpf_probe_read_kernel, bpf_probe_read_user,
             generated::bpf_probe_read_user as raw_read_user,
         },
-        macros::{map, tracepoint, uprobe, uretprobe},
+        macros::{fentry, fexit, map, tracepoint, uprobe, uretprobe},
         maps::{LruHashMap, PerCpuArray, RingBuf},
-        programs::{ProbeContext, RetProbeContext, TracePointContext},
+        programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
     };
     use ebpf_common::httpflow::{
         CAPTURE, DIR_READ, DIR_WRITE, FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_READ_FAILED,
-        HTTP_STAT_RINGBUF_FULL, HttpEvent, HttpOffsets, KIND_CLOSE, KIND_DATA, MAX_ATTEMPTS,
-        MAX_SOCKS, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SockState,
+        HTTP_STAT_RINGBUF_FULL, HttpEvent, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA,
+        MAX_ATTEMPTS, MAX_SOCKS, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SockState,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -59,6 +66,19 @@ mod probe {
         sk_protocol: 0,
         sk_type: 0,
         net_ns_inum: 0,
+        _pad: 0,
+    };
+
+    /// Filled in by the daemon for the fentry tier.
+    #[unsafe(no_mangle)]
+    static HTTP_ITER_OFFSETS: IterOffsets = IterOffsets {
+        msghdr_msg_iter: 0,
+        iter_type: 0,
+        iter_iov_offset: 0,
+        iter_ubuf: 0,
+        iter_iov: 0,
+        type_ubuf: 0,
+        type_iovec: 0,
         _pad: 0,
     };
 
@@ -93,6 +113,8 @@ mod probe {
     const IOVEC: u32 = 1;
     const MSGHDR: u32 = 2;
     const NOBUF: u32 = 3;
+    /// `ptr` is the user bytes themselves, `len` of them contiguous (fentry tier).
+    const SPAN: u32 = 4;
 
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -101,6 +123,8 @@ mod probe {
         sock: u64,
         /// The buffer, the `struct iovec *` or the `struct user_msghdr *` (per `how`).
         ptr: u64,
+        /// Contiguous bytes at `ptr` (SPAN only).
+        len: u64,
         how: u32,
         direction: u32,
     }
@@ -132,6 +156,7 @@ mod probe {
     const IPPROTO_TCP: u16 = 6;
     const SOCK_STREAM: u16 = 1;
     const TCP_CLOSE: i32 = 7;
+    const MSG_PEEK: u64 = 2;
 
     fn offsets() -> HttpOffsets {
         // SAFETY: our own read-only global; volatile so the loader's value is used.
@@ -181,6 +206,13 @@ mod probe {
                 return 0;
             }
         };
+        remember(sk, syscall_arg(ctx, 1), 0, how, direction)
+    }
+
+    /// A call on the TCP socket `sk` starts: remember it for its return, unless the socket is
+    /// known not to carry HTTP or the call is OpenSSL's own.
+    #[inline(always)]
+    fn remember(sk: u64, ptr: u64, len: u64, how: u32, direction: u32) -> u32 {
         let thread = bpf_get_current_pid_tgid();
         // Inside SSL_read/SSL_write: ciphertext, but it names the socket of the plain text.
         if let Some(ssl) = SSL_CALLS.get_ptr_mut(&thread) {
@@ -194,7 +226,8 @@ mod probe {
         }
         let call = Call {
             sock: sk,
-            ptr: syscall_arg(ctx, 1),
+            ptr,
+            len,
             how,
             direction,
         };
@@ -248,11 +281,17 @@ mod probe {
         let _ = CALLS.remove(&thread);
         // SAFETY: `ret` of a syscall exit tracepoint is at offset 16.
         let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+        finish(&call, ret)
+    }
+
+    /// The remembered call returned `ret`.
+    #[inline(always)]
+    fn finish(call: &Call, ret: i64) -> u32 {
         if ret <= 0 {
             return 0;
         }
         let sk = call.sock as *const u8;
-        let (src, avail) = match user_buffer(&call, ret as u64) {
+        let (src, avail) = match user_buffer(call, ret as u64) {
             Ok(found) => found,
             Err(()) => {
                 count(HTTP_STAT_READ_FAILED);
@@ -267,6 +306,7 @@ mod probe {
     fn user_buffer(call: &Call, ret: u64) -> Result<(u64, u64), ()> {
         match call.how {
             BUF => Ok((call.ptr, ret)),
+            SPAN => Ok((call.ptr, if call.len < ret { call.len } else { ret })),
             IOVEC => first_iovec(call.ptr, ret),
             MSGHDR => {
                 // struct user_msghdr: name, namelen (padded), iov at 16.
@@ -309,19 +349,197 @@ mod probe {
         }
         let socket: *const u8 = read(file, off.file_private_data)?;
         let sk: *const u8 = read(socket, off.socket_sk)?;
+        Ok(is_tcp(sk)?.then_some(sk))
+    }
+
+    /// True when `sk` is an INET TCP socket.
+    fn is_tcp(sk: *const u8) -> Result<bool, ()> {
+        let off = offsets();
         if sk.is_null() {
-            return Ok(None);
+            return Ok(false);
         }
         let family: u16 = read(sk, off.skc_family)?;
         if family != AF_INET && family != AF_INET6 {
-            return Ok(None);
+            return Ok(false);
         }
         let protocol: u16 = read(sk, off.sk_protocol)?;
         let kind: u16 = read(sk, off.sk_type)?;
-        if protocol != IPPROTO_TCP || kind != SOCK_STREAM {
-            return Ok(None);
+        Ok(protocol == IPPROTO_TCP && kind == SOCK_STREAM)
+    }
+
+    // ---- fentry tier ----
+    // `int inet_sendmsg(struct socket *, struct msghdr *, size_t)` and
+    // `int inet_recvmsg(struct socket *, struct msghdr *, size_t, int flags)` (same for inet6_*).
+    // An fexit context holds the arguments, then the return value: read as a u64 slot, since
+    // `ctx.ret()` needs bpf_get_func_ret (5.17+).
+
+    /// Each hook gets two identical programs. On preemptible kernels (PREEMPT_DYNAMIC in
+    /// full or lazy mode, 7.x) a trampoline program runs with only migration disabled, and the
+    /// kernel skips a program on a CPU where that same program is preempted mid-run (counted in
+    /// `recursion_misses`). The preempted task holds one copy; the twin still runs for the
+    /// others. Both halves are idempotent per thread: the entry writes the same value, the first
+    /// exit takes the entry and the second finds none.
+    macro_rules! fentry_programs {
+        ($send:ident, $send6:ident, $recv:ident, $recv6:ident,
+         $send_ret:ident, $send6_ret:ident, $recv_ret:ident, $recv6_ret:ident) => {
+            #[fentry(function = "inet_sendmsg")]
+            pub fn $send(ctx: FEntryContext) -> u32 {
+                msg_enter(&ctx, DIR_WRITE)
+            }
+
+            #[fentry(function = "inet6_sendmsg")]
+            pub fn $send6(ctx: FEntryContext) -> u32 {
+                msg_enter(&ctx, DIR_WRITE)
+            }
+
+            #[fentry(function = "inet_recvmsg")]
+            pub fn $recv(ctx: FEntryContext) -> u32 {
+                msg_enter(&ctx, DIR_READ)
+            }
+
+            #[fentry(function = "inet6_recvmsg")]
+            pub fn $recv6(ctx: FEntryContext) -> u32 {
+                msg_enter(&ctx, DIR_READ)
+            }
+
+            #[fexit(function = "inet_sendmsg")]
+            pub fn $send_ret(ctx: FExitContext) -> u32 {
+                msg_exit(&ctx, 3)
+            }
+
+            #[fexit(function = "inet6_sendmsg")]
+            pub fn $send6_ret(ctx: FExitContext) -> u32 {
+                msg_exit(&ctx, 3)
+            }
+
+            #[fexit(function = "inet_recvmsg")]
+            pub fn $recv_ret(ctx: FExitContext) -> u32 {
+                msg_exit(&ctx, 4)
+            }
+
+            #[fexit(function = "inet6_recvmsg")]
+            pub fn $recv6_ret(ctx: FExitContext) -> u32 {
+                msg_exit(&ctx, 4)
+            }
+        };
+    }
+
+    fentry_programs!(
+        httpflow_inet_send,
+        httpflow_inet6_send,
+        httpflow_inet_recv,
+        httpflow_inet6_recv,
+        httpflow_inet_send_ret,
+        httpflow_inet6_send_ret,
+        httpflow_inet_recv_ret,
+        httpflow_inet6_recv_ret
+    );
+    fentry_programs!(
+        httpflow_inet_send_b,
+        httpflow_inet6_send_b,
+        httpflow_inet_recv_b,
+        httpflow_inet6_recv_b,
+        httpflow_inet_send_ret_b,
+        httpflow_inet6_send_ret_b,
+        httpflow_inet_recv_ret_b,
+        httpflow_inet6_recv_ret_b
+    );
+
+    /// `ssize_t inet_sendpage(struct socket *, struct page *, int offset, size_t, int flags)`
+    /// (IPv4 and IPv6; gone in 6.5, since when sendfile goes through inet_sendmsg): sendfile's
+    /// bytes, with nothing to capture. Only kernels before 6.5 have it, whose trampolines are
+    /// not preempted by default, so it has no twin.
+    #[fexit(function = "inet_sendpage")]
+    pub fn httpflow_inet_sendpage(ctx: FExitContext) -> u32 {
+        let ret = ctx.arg::<u64>(5) as i64;
+        if ret <= 0 || is_own() {
+            return 0;
         }
-        Ok(Some(sk))
+        let socket: *const u8 = ctx.arg(0);
+        let found =
+            read::<*const u8>(socket, offsets().socket_sk).and_then(|sk| Ok((sk, is_tcp(sk)?)));
+        let sk = match found {
+            Ok((sk, true)) => sk,
+            Ok((_, false)) => return 0,
+            Err(()) => {
+                count(HTTP_STAT_READ_FAILED);
+                return 0;
+            }
+        };
+        // Inside SSL_write (kTLS sendfile): not plain text of ours.
+        if SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
+            return 0;
+        }
+        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, 0);
+        0
+    }
+
+    #[inline(always)]
+    fn msg_enter(ctx: &FEntryContext, direction: u32) -> u32 {
+        if is_own() {
+            return 0;
+        }
+        // A peek leaves the bytes for the next read, which is the one captured.
+        if direction == DIR_READ && ctx.arg::<u64>(3) & MSG_PEEK != 0 {
+            return 0;
+        }
+        let socket: *const u8 = ctx.arg(0);
+        let msg: *const u8 = ctx.arg(1);
+        let found =
+            read::<*const u8>(socket, offsets().socket_sk).and_then(|sk| Ok((sk, is_tcp(sk)?)));
+        let sk = match found {
+            Ok((sk, true)) => sk,
+            Ok((_, false)) => return 0,
+            Err(()) => {
+                count(HTTP_STAT_READ_FAILED);
+                return 0;
+            }
+        };
+        let (ptr, len) = match msg_buffer(msg) {
+            Ok(found) => found,
+            Err(()) => {
+                count(HTTP_STAT_READ_FAILED);
+                return 0;
+            }
+        };
+        remember(sk as u64, ptr, len, SPAN, direction)
+    }
+
+    #[inline(always)]
+    fn msg_exit(ctx: &FExitContext, nargs: usize) -> u32 {
+        let thread = bpf_get_current_pid_tgid();
+        // SAFETY: a copy out of the map value.
+        let Some(call) = (unsafe { CALLS.get(&thread) }).copied() else {
+            return 0;
+        };
+        let _ = CALLS.remove(&thread);
+        let ret = ctx.arg::<u64>(nargs) as i32 as i64;
+        finish(&call, ret)
+    }
+
+    /// The first user bytes a `struct msghdr`'s iterator points at, and how many are
+    /// contiguous; (0, 0) for kernel-memory iterators (a sendfile's pages, in-kernel callers).
+    fn msg_buffer(msg: *const u8) -> Result<(u64, u64), ()> {
+        // SAFETY: our own read-only global; volatile so the loader's value is used.
+        let io = unsafe { core::ptr::read_volatile(&HTTP_ITER_OFFSETS) };
+        let iter = msg.wrapping_add(io.msghdr_msg_iter as usize);
+        let kind: u8 = read(iter, io.iter_type)?;
+        let skip: u64 = read(iter, io.iter_iov_offset)?;
+        if kind as u32 == io.type_ubuf {
+            let base: u64 = read(iter, io.iter_ubuf)?;
+            return Ok((base + skip, u64::MAX));
+        }
+        if kind as u32 != io.type_iovec {
+            return Ok((0, 0));
+        }
+        // The iovec array is the kernel's copy of the caller's.
+        let iov: *const u8 = read(iter, io.iter_iov)?;
+        let base: u64 = read(iov, 0)?;
+        let len: u64 = read(iov, 8)?;
+        if skip >= len {
+            return Ok((0, 0));
+        }
+        Ok((base + skip, len - skip))
     }
 
     /// True when the first bytes start an HTTP/1 request (any method the daemon knows, followed

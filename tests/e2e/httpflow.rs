@@ -23,8 +23,16 @@ const PY_PORT: u16 = 8000;
 /// Bytes of the static page nginx serves.
 const PAGE: usize = 3000;
 
+/// The capture tier forced in these tests: `DKE_TEST_HTTPFLOW_TIER`, else `syscalls`, the only
+/// one this host kernel (no trampolines) can run. `cargo xtask vm-test` runs them at the fentry
+/// tier inside other kernels.
+fn tier() -> String {
+    std::env::var("DKE_TEST_HTTPFLOW_TIER").unwrap_or_else(|_| "syscalls".into())
+}
+
 fn start(dir: &Path, datakit: &FakeDataKit, l7: &str) -> Daemon {
     let apiserver = datakit.addr().to_string();
+    let tier = tier();
     let mut daemon = Daemon::start(
         dir,
         &[
@@ -41,13 +49,19 @@ fn start(dir: &Path, datakit: &FakeDataKit, l7: &str) -> Daemon {
             "1s",
             "--netflow-tier",
             "tracepoint",
+            "--httpflow-tier",
+            &tier,
             "--hostname",
             "hf-host",
             "--log-level",
             "debug",
         ],
     );
-    daemon.wait_log("httpflow: attached", Duration::from_secs(30));
+    // Generous: loading takes tens of seconds in vm-test's emulated guests.
+    daemon.wait_log(
+        &format!("httpflow: attached at the {tier} tier"),
+        Duration::from_secs(120),
+    );
     daemon
 }
 

@@ -18,7 +18,11 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
         ("dnsflow", dnsflow::availability()),
     ];
     if config.l7net.contains(&L7Protocol::HttpFlow) {
-        let http = httpflow::availability(kernel, config.l7net.contains(&L7Protocol::HttpFlowTls));
+        let http = httpflow::availability(
+            kernel,
+            config.httpflow_tier,
+            config.l7net.contains(&L7Protocol::HttpFlowTls),
+        );
         parts.push((
             "httpflow",
             if http.can_run {
@@ -80,7 +84,12 @@ pub fn start(
         let loaded = kernel
             .btf()
             .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))
-            .and_then(|btf| httpflow::collector::HttpflowCollector::load(config, btf, tls));
+            .and_then(|btf| {
+                let choice =
+                    httpflow::tier::choose_tier(&kernel.features, btf, config.httpflow_tier)
+                        .map_err(|why| anyhow::anyhow!("{why}"))?;
+                httpflow::collector::HttpflowCollector::load(config, btf, &choice, tls)
+            });
         match loaded {
             Ok(collector) => {
                 tasks.spawn(collector.run(ctx));

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FEntry, FExit, TracePoint},
 };
 use ebpf_common::httpflow::{
     CAPTURE, DIR_WRITE, EVENTS_MAP, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL, HttpEvent,
-    KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
+    ITER_OFFSETS_GLOBAL, IterOffsets, KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -21,12 +21,13 @@ use super::{
     aggregate::{Aggregator, HttpOptions},
     misses::Misses,
     stream::{Call, ConnMeta, Exchange, Streams},
+    tier::TierChoice,
     tls::TlsAttacher,
 };
 use crate::{
     btf::KernelBtf,
     clock,
-    config::Config,
+    config::{Config, HttpflowTier},
     plugins::{
         PluginContext, losses::KernelLosses, netflow::aggregate::Resolver as _,
         netflow::collector::ProcResolver,
@@ -92,16 +93,58 @@ const SYSCALL_PROGRAMS: [(&str, &[&str]); 8] = [
     ),
 ];
 
+/// (fentry program, fexit program, kernel function) of the fentry tier, each attached twice
+/// (the twin's names end in `_b`; see the probe for why).
+const FENTRY_PROGRAMS: [(&str, &str, &str); 4] = [
+    (
+        "httpflow_inet_send",
+        "httpflow_inet_send_ret",
+        "inet_sendmsg",
+    ),
+    (
+        "httpflow_inet6_send",
+        "httpflow_inet6_send_ret",
+        "inet6_sendmsg",
+    ),
+    (
+        "httpflow_inet_recv",
+        "httpflow_inet_recv_ret",
+        "inet_recvmsg",
+    ),
+    (
+        "httpflow_inet6_recv",
+        "httpflow_inet6_recv_ret",
+        "inet6_recvmsg",
+    ),
+];
+const TWIN_SUFFIX: &str = "_b";
+
+/// sendfile before 6.5 (sendpage): fexit only, when the kernel has it.
+const SENDPAGE: (&str, &str) = ("httpflow_inet_sendpage", "inet_sendpage");
+
+/// The fentry tier's programs by the calls they see (twins together).
+const FENTRY_MISS_GROUPS: [&[&str]; 9] = [
+    &["httpflow_inet_send", "httpflow_inet_send_b"],
+    &["httpflow_inet6_send", "httpflow_inet6_send_b"],
+    &["httpflow_inet_recv", "httpflow_inet_recv_b"],
+    &["httpflow_inet6_recv", "httpflow_inet6_recv_b"],
+    &["httpflow_inet_send_ret", "httpflow_inet_send_ret_b"],
+    &["httpflow_inet6_send_ret", "httpflow_inet6_send_ret_b"],
+    &["httpflow_inet_recv_ret", "httpflow_inet_recv_ret_b"],
+    &["httpflow_inet6_recv_ret", "httpflow_inet6_recv_ret_b"],
+    &["httpflow_inet_sendpage"],
+];
+
 /// Programs whose skipped runs lose calls (the enter and exit halves of each syscall).
-const MISS_PROGRAMS: [&str; 8] = [
-    "httpflow_read_enter",
-    "httpflow_write_enter",
-    "httpflow_readv_enter",
-    "httpflow_writev_enter",
-    "httpflow_recvmsg_enter",
-    "httpflow_sendmsg_enter",
-    "httpflow_sendfile_enter",
-    "httpflow_exit",
+const MISS_GROUPS: [&[&str]; 8] = [
+    &["httpflow_read_enter"],
+    &["httpflow_write_enter"],
+    &["httpflow_readv_enter"],
+    &["httpflow_writev_enter"],
+    &["httpflow_recvmsg_enter"],
+    &["httpflow_sendmsg_enter"],
+    &["httpflow_sendfile_enter"],
+    &["httpflow_exit"],
 ];
 
 pub fn object_is_empty() -> bool {
@@ -120,7 +163,12 @@ pub struct HttpflowCollector {
 }
 
 impl HttpflowCollector {
-    pub fn load(config: &Config, kernel_btf: &KernelBtf, tls: bool) -> anyhow::Result<Self> {
+    pub fn load(
+        config: &Config,
+        kernel_btf: &KernelBtf,
+        tier: &TierChoice,
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
@@ -130,24 +178,30 @@ impl HttpflowCollector {
             .http_offsets()
             .context("reading struct offsets from kernel BTF")?;
         debug!("httpflow: kernel offsets {offsets:?}");
+        let iter_offsets = match tier.tier {
+            HttpflowTier::Fentry => kernel_btf
+                .iter_offsets()
+                .context("reading struct iov_iter offsets from kernel BTF")?,
+            _ => IterOffsets::default(),
+        };
+        debug!("httpflow: iov_iter offsets {iter_offsets:?}");
         let own_pid = std::process::id();
         let mut ebpf = EbpfLoader::new()
             .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(ITER_OFFSETS_GLOBAL, &iter_offsets, true)
             .override_global(OWN_PID_GLOBAL, &own_pid, true)
             .load(OBJECT)
             .context("loading the httpflow object")?;
-        for &(name, tracepoints) in &SYSCALL_PROGRAMS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
-            for tracepoint in tracepoints.iter() {
-                program
-                    .attach("syscalls", tracepoint)
-                    .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
+        let misses: &'static [&'static [&'static str]] = match tier.tier {
+            HttpflowTier::Fentry => {
+                attach_fentry(&mut ebpf, config, kernel_btf)?;
+                &FENTRY_MISS_GROUPS
             }
-        }
+            _ => {
+                attach_syscalls(&mut ebpf)?;
+                &MISS_GROUPS
+            }
+        };
         let program: &mut TracePoint = ebpf
             .program_mut("httpflow_state")
             .context("program httpflow_state missing from the object")?
@@ -165,7 +219,9 @@ impl HttpflowCollector {
             None
         };
         info!(
-            "httpflow: attached (syscall tracepoints{})",
+            "httpflow: attached at the {} tier ({}){}",
+            tier.tier.name(),
+            tier.reason,
             if tls.is_some() {
                 ", OpenSSL uprobes"
             } else {
@@ -181,7 +237,7 @@ impl HttpflowCollector {
             ebpf,
             events,
             losses: KernelLosses::new("httpflow", stats, LOSSES),
-            misses: Misses::new(&MISS_PROGRAMS),
+            misses: Misses::new(misses),
             streams: Streams::new(MAX_CONNS),
             aggregator: Aggregator::new(HttpOptions {
                 ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
@@ -250,6 +306,71 @@ impl HttpflowCollector {
         self.losses.report();
         self.misses.report(&self.ebpf);
     }
+}
+
+fn attach_syscalls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for &(name, tracepoints) in &SYSCALL_PROGRAMS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        for tracepoint in tracepoints.iter() {
+            program
+                .attach("syscalls", tracepoint)
+                .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> anyhow::Result<()> {
+    let btf = match &config.btf {
+        Some(path) => Btf::parse_file(path, Endianness::default())
+            .with_context(|| format!("parsing BTF file {}", path.display()))?,
+        None => Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?,
+    };
+    for (entry, exit, function) in FENTRY_PROGRAMS {
+        let attached = (|| -> anyhow::Result<()> {
+            for suffix in ["", TWIN_SUFFIX] {
+                let name = format!("{entry}{suffix}");
+                let program: &mut FEntry = ebpf
+                    .program_mut(&name)
+                    .with_context(|| format!("program {name} missing from the object"))?
+                    .try_into()?;
+                program.load(function, &btf)?;
+                program.attach()?;
+                let name = format!("{exit}{suffix}");
+                let program: &mut FExit = ebpf
+                    .program_mut(&name)
+                    .with_context(|| format!("program {name} missing from the object"))?
+                    .try_into()?;
+                program.load(function, &btf)?;
+                program.attach()?;
+            }
+            Ok(())
+        })();
+        match attached {
+            Ok(()) => {}
+            // inet6_* are missing when IPv6 is a module that is not loaded.
+            Err(err) if function.starts_with("inet6_") => {
+                warn!("httpflow: IPv6 not captured: fentry/fexit {function}: {err:#}")
+            }
+            Err(err) => return Err(err.context(format!("fentry/fexit {function}"))),
+        }
+    }
+    let (name, function) = SENDPAGE;
+    if kernel_btf.has_function(function) {
+        let program: &mut FExit = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        program.load(function, &btf)?;
+        program
+            .attach()
+            .with_context(|| format!("fexit/{function} ({name})"))?;
+    }
+    Ok(())
 }
 
 fn drain(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Exchange>) {

@@ -7,21 +7,29 @@ pub mod collector;
 mod misses;
 pub mod parse;
 pub mod stream;
+pub mod tier;
 pub mod tls;
 
 use super::{Availability, Kernel};
+use crate::config::HttpflowTier;
 
-/// Whether httpflow (and, with `tls`, httpflow-tls) can run here.
-pub fn availability(kernel: &Kernel, tls: bool) -> Availability {
+/// Whether httpflow (and, with `tls`, httpflow-tls) can run here, and at which tier.
+pub fn availability(kernel: &Kernel, forced: HttpflowTier, tls: bool) -> Availability {
     let mut missing = Vec::new();
+    let mut choice = None;
     match kernel.btf() {
         Ok(btf) => {
             if let Err(err) = btf.http_offsets() {
                 missing.push(format!("struct offsets: {err:#}"));
             }
+            match tier::choose_tier(&kernel.features, btf, forced) {
+                Ok(c) => choice = Some(c),
+                Err(why) => missing.push(why),
+            }
         }
         Err(why) => missing.push(format!("needs kernel BTF: {why}")),
     }
+    // sock:inet_sock_set_state at every tier, the syscall ones at the syscalls tier.
     if !kernel.features.tracepoints.available {
         missing.push("needs tracepoints (syscalls, sock:inet_sock_set_state)".into());
     }
@@ -34,15 +42,23 @@ pub fn availability(kernel: &Kernel, tls: bool) -> Availability {
     if collector::object_is_empty() {
         missing.push("this binary was built without eBPF programs".into());
     }
-    if missing.is_empty() {
+    if let (true, Some(choice)) = (missing.is_empty(), choice) {
+        let hooks = match choice.tier {
+            HttpflowTier::Fentry => "fentry/fexit inet_sendmsg/inet_recvmsg (and inet6_*)",
+            _ => "syscall tracepoints (read/write/send/recv families)",
+        };
         Availability {
             can_run: true,
-            mechanism: if tls {
-                "OpenSSL uprobes (SSL_read/SSL_write/_ex) plus syscall tracepoints".into()
-            } else {
-                "syscall tracepoints (read/write/send/recv families) and sock:inet_sock_set_state"
-                    .into()
-            },
+            mechanism: format!(
+                "the {} tier ({}): {hooks}{}, sock:inet_sock_set_state",
+                choice.tier.name(),
+                choice.reason,
+                if tls {
+                    ", OpenSSL uprobes (SSL_read/SSL_write/_ex)"
+                } else {
+                    ""
+                },
+            ),
             reason: String::new(),
         }
     } else {
