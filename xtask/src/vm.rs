@@ -351,6 +351,11 @@ fn build_initrd(dir: &Path, base: &Path, release: &str, script: &str) -> Result<
     }
     fs::write(tree.join("mods/order"), order.join("\n") + "\n")?;
     fs::write(tree.join("cmd"), script)?;
+    // The guest gets a fresh /tmp; a checkout under the host's /tmp is bound back into it.
+    fs::write(
+        tree.join("workspace"),
+        workspace_root().to_string_lossy().as_bytes(),
+    )?;
     let init = tree.join("init");
     fs::write(&init, INIT)?;
     use std::os::unix::fs::PermissionsExt as _;
@@ -381,7 +386,13 @@ mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts
 mount -t devpts -o ptmxmode=0666 devpts /host/dev/pts
+mkdir -p /hosttmp
+mount --bind /host/tmp /hosttmp
 mount -t tmpfs tmp /host/tmp
+ws=$(cat /workspace)
+case "$ws" in
+/tmp/*) mkdir -p "/host$ws" && mount --bind "/hosttmp${ws#/tmp}" "/host$ws" ;;
+esac
 mount -t tmpfs run /host/run
 mkdir -p /host/run/netns
 ip link set lo up
