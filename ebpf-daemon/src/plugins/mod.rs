@@ -2,6 +2,7 @@
 
 pub mod bash;
 pub mod dnsflow;
+pub mod endpoints;
 pub mod httpflow;
 mod losses;
 pub mod net;

@@ -6,12 +6,12 @@
 //! `direction=incoming`, `conn_side=server` (the reference swapped src/dst too, but kept
 //! `outgoing`). Ports other than 53 fold to `*`.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
 use super::matcher::{Exchange, Sample};
 use crate::{
     lineproto::{Field, Point},
-    plugins::GlobalTags,
+    plugins::{GlobalTags, endpoints::Endpoints},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,23 +85,6 @@ fn port_tag(port: u16) -> String {
     }
 }
 
-/// private → loopback → multicast → other, as the reference (contract §2.3).
-fn ip_type(ip: &IpAddr) -> &'static str {
-    let private = match ip {
-        IpAddr::V4(v4) => v4.is_private(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
-    };
-    if private {
-        "private"
-    } else if ip.is_loopback() {
-        "loopback"
-    } else if ip.is_multicast() {
-        "multicast"
-    } else {
-        "other"
-    }
-}
-
 fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) -> Point {
     let (client_ip, client_port) = (key.exchange.client.0.to_canonical(), key.exchange.client.1);
     let (server_ip, server_port) = (key.exchange.server.0.to_canonical(), key.exchange.server.1);
@@ -111,26 +94,18 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
         ((client_ip, client_port), (server_ip, server_port))
     };
     let mean = v.latency_sum.checked_div(v.count).unwrap_or(0);
-    let mut point = Point::new("dnsflow", timestamp_ns)
-        .tag("src_ip", src_ip.to_string())
-        .tag("dst_ip", dst_ip.to_string())
-        .tag("src_port", port_tag(src_port))
-        .tag("dst_port", port_tag(dst_port))
-        .tag("src_ip_type", ip_type(&src_ip))
-        .tag("dst_ip_type", ip_type(&dst_ip))
+    let (src_port, dst_port) = (port_tag(src_port), port_tag(dst_port));
+    let ends = Endpoints {
+        src_ip,
+        src_port: &src_port,
+        dst_ip,
+        dst_port: &dst_port,
+        outgoing: !key.incoming,
+    };
+    let mut point = ends
+        .tag(Point::new("dnsflow", timestamp_ns))
         .tag("family", if server_ip.is_ipv4() { "IPv4" } else { "IPv6" })
         .tag("transport", key.exchange.transport.name())
-        .tag(
-            "direction",
-            if key.incoming { "incoming" } else { "outgoing" },
-        )
-        .tag("conn_side", if key.incoming { "server" } else { "client" })
-        .tag("client_ip", client_ip.to_string())
-        .tag("client_port", port_tag(client_port))
-        .tag("client_ip_type", ip_type(&client_ip))
-        .tag("server_ip", server_ip.to_string())
-        .tag("server_port", port_tag(server_port))
-        .tag("server_ip_type", ip_type(&server_ip))
         .field("rcode", Field::Int(i64::from(key.rcode)))
         .field("count", int(v.count))
         .field("latency", int(mean))

@@ -6,10 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use super::{parse::path_of, stream::Exchange};
 use crate::{
     lineproto::{Field, Point},
-    plugins::{
-        GlobalTags,
-        netflow::aggregate::{address, ip_type},
-    },
+    plugins::{GlobalTags, endpoints::Endpoints, netflow::aggregate::address},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -129,42 +126,20 @@ impl Aggregator {
 }
 
 fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) -> Point {
-    let (src_type, dst_type) = (ip_type(&key.src_ip), ip_type(&key.dst_ip));
-    let (src_ip, dst_ip) = (key.src_ip.to_string(), key.dst_ip.to_string());
-    let (client, server) = if key.outgoing {
-        (
-            (&src_ip, &key.src_port, src_type),
-            (&dst_ip, &key.dst_port, dst_type),
-        )
-    } else {
-        (
-            (&dst_ip, &key.dst_port, dst_type),
-            (&src_ip, &key.src_port, src_type),
-        )
+    let ends = Endpoints {
+        src_ip: key.src_ip,
+        src_port: &key.src_port,
+        dst_ip: key.dst_ip,
+        dst_port: &key.dst_port,
+        outgoing: key.outgoing,
     };
-    let mut point = Point::new("httpflow", timestamp_ns)
-        .tag("src_ip", src_ip.clone())
-        .tag("dst_ip", dst_ip.clone())
-        .tag("src_port", key.src_port.clone())
-        .tag("dst_port", key.dst_port.clone())
-        .tag("src_ip_type", src_type)
-        .tag("dst_ip_type", dst_type)
+    let mut point = ends
+        .tag(Point::new("httpflow", timestamp_ns))
         .tag("family", if key.ipv4 { "IPv4" } else { "IPv6" })
         .tag("transport", "tcp")
-        .tag(
-            "direction",
-            if key.outgoing { "outgoing" } else { "incoming" },
-        )
         .tag("netns", key.netns.to_string())
         .tag("dst_nat_ip", "N/A")
         .tag("dst_nat_port", "N/A")
-        .tag("conn_side", if key.outgoing { "client" } else { "server" })
-        .tag("client_ip", client.0.clone())
-        .tag("client_port", client.1.clone())
-        .tag("client_ip_type", client.2)
-        .tag("server_ip", server.0.clone())
-        .tag("server_port", server.1.clone())
-        .tag("server_ip_type", server.2)
         .field("method", Field::Str(key.method.clone()))
         .field("path", Field::Str(key.path.clone()))
         .field("http_version", Field::Str(key.version.to_string()))

@@ -18,7 +18,7 @@ use ebpf_common::netflow::{
 
 use crate::{
     lineproto::{Field, Point},
-    plugins::GlobalTags,
+    plugins::{GlobalTags, endpoints::Endpoints},
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -362,64 +362,24 @@ pub(crate) fn address(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V6(v6)
 }
 
-/// private → loopback → multicast → other, in the reference's order (Go's net.IP predicates).
-pub(crate) fn ip_type(ip: &IpAddr) -> &'static str {
-    let private = match ip {
-        IpAddr::V4(v4) => v4.is_private(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
-    };
-    if private {
-        "private"
-    } else if ip.is_loopback() {
-        "loopback"
-    } else if ip.is_multicast() {
-        "multicast"
-    } else {
-        "other"
-    }
-}
-
 fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) -> Point {
-    let (src_type, dst_type) = (ip_type(&key.src_ip), ip_type(&key.dst_ip));
-    let (src_ip, dst_ip) = (key.src_ip.to_string(), key.dst_ip.to_string());
-    // Client and server roles: outgoing, we are the client; incoming, the server.
-    let (client, server) = if key.outgoing {
-        (
-            (&src_ip, &key.src_port, src_type),
-            (&dst_ip, &key.dst_port, dst_type),
-        )
-    } else {
-        (
-            (&dst_ip, &key.dst_port, dst_type),
-            (&src_ip, &key.src_port, src_type),
-        )
-    };
     let (client_sent, server_sent) = if key.outgoing {
         (v.bytes_written, v.bytes_read)
     } else {
         (v.bytes_read, v.bytes_written)
     };
-    let mut point = Point::new("netflow", timestamp_ns)
-        .tag("src_ip", src_ip.clone())
-        .tag("dst_ip", dst_ip.clone())
-        .tag("src_port", key.src_port.clone())
-        .tag("dst_port", key.dst_port.clone())
-        .tag("src_ip_type", src_type)
-        .tag("dst_ip_type", dst_type)
+    let ends = Endpoints {
+        src_ip: key.src_ip,
+        src_port: &key.src_port,
+        dst_ip: key.dst_ip,
+        dst_port: &key.dst_port,
+        outgoing: key.outgoing,
+    };
+    let mut point = ends
+        .tag(Point::new("netflow", timestamp_ns))
         .tag("family", if key.ipv4 { "IPv4" } else { "IPv6" })
         .tag("transport", key.transport)
-        .tag(
-            "direction",
-            if key.outgoing { "outgoing" } else { "incoming" },
-        )
         .tag("netns", key.netns.to_string())
-        .tag("conn_side", if key.outgoing { "client" } else { "server" })
-        .tag("client_ip", client.0.clone())
-        .tag("client_port", client.1.clone())
-        .tag("client_ip_type", client.2)
-        .tag("server_ip", server.0.clone())
-        .tag("server_port", server.1.clone())
-        .tag("server_ip_type", server.2)
         .field("bytes_read", int(v.bytes_read))
         .field("bytes_written", int(v.bytes_written))
         .field("client_sent", int(client_sent))
