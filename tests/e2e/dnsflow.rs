@@ -14,7 +14,7 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -23,7 +23,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, netns::Netns, privileged, scratch, serial, wait_until};
+use common::{
+    Daemon,
+    netns::{self, Netns},
+    privileged, scratch, serial, wait_until,
+};
 use fake_datakit::{FakeDataKit, Point};
 
 /// The daemon's flush period in these tests, and the unanswered-query timeout.
@@ -34,22 +38,6 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 /// Distinguishes the labs of one process.
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "`{cmd} {}` failed ({}):\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Where the DNS server runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -99,7 +87,7 @@ impl DnsLab {
         let ns = Netns::new("dns");
         let root_if = format!("dkdns{pid}x{seq}");
         let _ = Command::new("ip").args(["link", "del", &root_if]).output();
-        run(
+        netns::run_cmd(
             "ip",
             &[
                 "link", "add", &root_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -116,11 +104,11 @@ impl DnsLab {
             "nodad",
         ]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        run(
+        netns::run_cmd(
             "ip",
             &["addr", "add", &format!("{root_v4}/30"), "dev", &root_if],
         );
-        run(
+        netns::run_cmd(
             "ip",
             &[
                 "addr",
@@ -131,8 +119,8 @@ impl DnsLab {
                 "nodad",
             ],
         );
-        run("ip", &["link", "set", &root_if, "up"]);
-        run(
+        netns::run_cmd("ip", &["link", "set", &root_if, "up"]);
+        netns::run_cmd(
             "ip",
             &[
                 "route",
@@ -223,7 +211,7 @@ impl DnsLab {
 
     /// `dig <args>` in the root namespace; its output.
     fn dig(&self, args: &[&str]) -> String {
-        String::from_utf8_lossy(&run("dig", args).stdout).into_owned()
+        String::from_utf8_lossy(&netns::run_cmd("dig", args).stdout).into_owned()
     }
 
     /// `dig <args>` in the test namespace.
@@ -247,7 +235,7 @@ impl DnsLab {
             "mount --bind {} /etc/resolv.conf && exec getent ahosts {name}",
             conf.display()
         );
-        let out = run("unshare", &["-m", "sh", "-c", &script]);
+        let out = netns::run_cmd("unshare", &["-m", "sh", "-c", &script]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -281,7 +269,7 @@ fn wait_link(dev: &str, ns: Option<&Netns>) {
     let ok = wait_until(Duration::from_secs(10), || {
         let out = match ns {
             Some(ns) => ns.ip(&["-o", "link", "show", "dev", dev]),
-            None => run("ip", &["-o", "link", "show", "dev", dev]),
+            None => netns::run_cmd("ip", &["-o", "link", "show", "dev", dev]),
         };
         String::from_utf8_lossy(&out.stdout).contains("LOWER_UP")
     });

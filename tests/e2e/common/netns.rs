@@ -40,7 +40,7 @@ fn ip(args: &[&str]) -> Output {
     run_cmd("ip", args)
 }
 
-fn run_cmd(cmd: &str, args: &[&str]) -> Output {
+pub fn run_cmd(cmd: &str, args: &[&str]) -> Output {
     let out = Command::new(cmd)
         .args(args)
         .output()
