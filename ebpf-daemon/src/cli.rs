@@ -113,7 +113,7 @@ pub struct CliArgs {
     /// Connections netflow tracks at once (kernel map size; about 200 bytes each) [default: 65536]
     #[arg(long, value_name = "N")]
     pub netflow_max_conns: Option<String>,
-    /// Count unconnected UDP sockets (sendto/recvfrom) at the tracepoint tier; costs about 100 ns per send/recv call of every socket
+    /// Count unconnected UDP sockets (sendto/recvfrom; their peers come from syscall tracepoints at every tier); costs about 100 ns per send/recv call of every socket
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_udp_unconnected: Option<bool>,
     /// Report loopback connections in netflow (left out by default, as the reference does)
