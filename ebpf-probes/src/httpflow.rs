@@ -40,8 +40,9 @@ mod probe {
     };
     use ebpf_common::httpflow::{
         CAPTURE, DIR_READ, DIR_WRITE, FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_READ_FAILED,
-        HTTP_STAT_RINGBUF_FULL, HttpEvent, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA,
-        MAX_ATTEMPTS, MAX_SOCKS, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SockState,
+        HTTP_STAT_RINGBUF_FULL, HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HttpEvent,
+        HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, MAX_ATTEMPTS, MAX_SOCKS, SOCK_HTTP,
+        SOCK_OTHER, SOCK_UNKNOWN, SockState,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -138,6 +139,9 @@ mod probe {
         size_ptr: u64,
         /// The socket the library used during the call, 0 until seen.
         sock: u64,
+        /// The stack pointer at entry (pointing at the return address): the call's return
+        /// finds it 8 bytes higher, so a return matches only the record of its own call.
+        sp: u64,
         direction: u32,
         _pad: u32,
     }
@@ -738,6 +742,8 @@ mod probe {
                 0
             },
             sock: 0,
+            // SAFETY: a read of the probe context's registers.
+            sp: unsafe { (*ctx.regs).rsp },
             direction,
             _pad: 0,
         };
@@ -765,14 +771,35 @@ mod probe {
         ssl_enter(&ctx, DIR_WRITE, true)
     }
 
+    /// Return of SSL_read or SSL_read_ex.
     #[uretprobe]
-    pub fn httpflow_ssl_ret(ctx: RetProbeContext) -> u32 {
+    pub fn httpflow_ssl_read_ret(ctx: RetProbeContext) -> u32 {
+        ssl_ret(&ctx, DIR_READ)
+    }
+
+    /// Return of SSL_write or SSL_write_ex.
+    #[uretprobe]
+    pub fn httpflow_ssl_write_ret(ctx: RetProbeContext) -> u32 {
+        ssl_ret(&ctx, DIR_WRITE)
+    }
+
+    #[inline(always)]
+    fn ssl_ret(ctx: &RetProbeContext, direction: u32) -> u32 {
         let thread = bpf_get_current_pid_tgid();
         // SAFETY: a copy out of the map value.
         let Some(call) = (unsafe { SSL_CALLS.get(&thread) }).copied() else {
             return 0;
         };
         let _ = SSL_CALLS.remove(&thread);
+        // The thread's record must be this call's: same function kind, same stack frame. A
+        // record left by a call whose return was not seen (or a return whose entry was not)
+        // would put another call's buffer and direction on these bytes.
+        // SAFETY: a read of the probe context's registers.
+        let sp = unsafe { (*ctx.regs).rsp };
+        if call.direction != direction || sp != call.sp.wrapping_add(8) {
+            count(HTTP_STAT_TLS_MISMATCH);
+            return 0;
+        }
         let ret: i64 = ctx.ret::<i32>() as i64;
         let n = if call.size_ptr != 0 {
             if ret != 1 {
@@ -802,7 +829,10 @@ mod probe {
             // SAFETY: a copy out of the map value.
             match unsafe { SSL_SOCK.get(&key) } {
                 Some(sock) => *sock,
-                None => return 0,
+                None => {
+                    count(HTTP_STAT_TLS_NO_SOCKET);
+                    return 0;
+                }
             }
         };
         on_data(

@@ -74,6 +74,14 @@ impl Aggregator {
             || (loopback && !self.options.include_loopback)
             || process_name.starts_with("datakit")
         {
+            tracing::debug!(
+                "httpflow: exchange left out: {src}:{} -> {dst}:{}, pid {} ({process_name}), {} {}",
+                e.meta.sport,
+                e.meta.dport,
+                e.meta.pid,
+                e.method,
+                e.target
+            );
             self.filtered += 1;
             return;
         }

@@ -11,8 +11,9 @@ use aya::{
     programs::{FEntry, FExit, TracePoint},
 };
 use ebpf_common::httpflow::{
-    CAPTURE, DIR_WRITE, EVENTS_MAP, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL, HttpEvent,
-    ITER_OFFSETS_GLOBAL, IterOffsets, KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
+    CAPTURE, DIR_WRITE, EVENTS_MAP, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
+    HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HttpEvent, ITER_OFFSETS_GLOBAL, IterOffsets,
+    KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -59,6 +60,14 @@ const LOSSES: &[(u32, &str)] = &[
     (
         HTTP_STAT_READ_FAILED,
         "calls skipped: kernel or user memory read failed",
+    ),
+    (
+        HTTP_STAT_TLS_NO_SOCKET,
+        "OpenSSL calls not captured: their socket was not seen",
+    ),
+    (
+        HTTP_STAT_TLS_MISMATCH,
+        "OpenSSL calls not captured: entry and return probes did not match",
     ),
 ];
 

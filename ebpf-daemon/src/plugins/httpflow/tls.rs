@@ -16,14 +16,22 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-/// (entry program, symbol); every symbol also gets the return program.
-const ENTRY_PROGRAMS: [(&str, &str); 4] = [
-    ("httpflow_ssl_read", "SSL_read"),
-    ("httpflow_ssl_write", "SSL_write"),
-    ("httpflow_ssl_read_ex", "SSL_read_ex"),
-    ("httpflow_ssl_write_ex", "SSL_write_ex"),
+/// (entry program, return program, symbol). Each return program knows its direction, and
+/// checks that the thread's record is its own call's.
+const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("httpflow_ssl_read", "httpflow_ssl_read_ret", "SSL_read"),
+    ("httpflow_ssl_write", "httpflow_ssl_write_ret", "SSL_write"),
+    (
+        "httpflow_ssl_read_ex",
+        "httpflow_ssl_read_ret",
+        "SSL_read_ex",
+    ),
+    (
+        "httpflow_ssl_write_ex",
+        "httpflow_ssl_write_ret",
+        "SSL_write_ex",
+    ),
 ];
-const RETURN_PROGRAM: &str = "httpflow_ssl_ret";
 
 pub struct TlsAttacher {
     proc_root: PathBuf,
@@ -36,11 +44,10 @@ pub struct TlsAttacher {
 impl TlsAttacher {
     /// Loads the uprobe programs (attached later, by [`TlsAttacher::scan`]).
     pub fn new(ebpf: &mut Ebpf, proc_root: PathBuf, own_pid: u32) -> anyhow::Result<Self> {
-        for name in ENTRY_PROGRAMS
-            .iter()
-            .map(|(p, _)| *p)
-            .chain([RETURN_PROGRAM])
-        {
+        let mut names: Vec<&str> = PROGRAMS.iter().flat_map(|(e, r, _)| [*e, *r]).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
             let program: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow::anyhow!("program {name} missing from the object"))?
@@ -89,21 +96,23 @@ impl TlsAttacher {
 
 fn attach(ebpf: &mut Ebpf, path: &Path) -> anyhow::Result<Vec<&'static str>> {
     let mut symbols = Vec::new();
-    for (entry, symbol) in ENTRY_PROGRAMS {
+    for (entry, ret, symbol) in PROGRAMS {
+        // The return probe first: a call entered between the two attaches then leaves no
+        // record behind for a later return to pick up.
         let program: &mut UProbe = ebpf
-            .program_mut(entry)
-            .ok_or_else(|| anyhow::anyhow!("program {entry} missing"))?
+            .program_mut(ret)
+            .ok_or_else(|| anyhow::anyhow!("program {ret} missing"))?
             .try_into()?;
         // OpenSSL 1.1 has no _ex variants: a missing symbol is skipped.
         if let Err(err) = program.attach(symbol, path, UProbeScope::AllProcesses) {
             debug!("httpflow-tls: {symbol} in {}: {err}", path.display());
             continue;
         }
-        let ret: &mut UProbe = ebpf
-            .program_mut(RETURN_PROGRAM)
-            .ok_or_else(|| anyhow::anyhow!("program {RETURN_PROGRAM} missing"))?
+        let program: &mut UProbe = ebpf
+            .program_mut(entry)
+            .ok_or_else(|| anyhow::anyhow!("program {entry} missing"))?
             .try_into()?;
-        ret.attach(symbol, path, UProbeScope::AllProcesses)?;
+        program.attach(symbol, path, UProbeScope::AllProcesses)?;
         symbols.push(symbol);
     }
     if symbols.is_empty() {
