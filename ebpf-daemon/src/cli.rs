@@ -128,7 +128,7 @@ pub struct CliArgs {
     /// httpflow: replace numeric and UUID-like path segments with `:id` (bounds the number of rows)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub httpflow_path_normalize: Option<bool>,
-    /// httpflow capture tier: auto, syscalls or fentry [default: auto, currently syscalls; fentry is opt-in]
+    /// httpflow capture tier: auto, syscalls or fentry [default: auto: fentry where BPF trampolines work, else syscalls]
     #[arg(long, value_name = "TIER")]
     pub httpflow_tier: Option<String>,
 

@@ -197,7 +197,7 @@ pub struct Config {
     pub netflow_include_loopback: bool,
     /// httpflow: replace numeric and UUID-like path segments with `:id`.
     pub httpflow_path_normalize: bool,
-    /// httpflow capture tier (`--httpflow-tier`); `Auto` is syscalls for now.
+    /// httpflow capture tier (`--httpflow-tier`); `Auto` is fentry where trampolines work.
     pub httpflow_tier: HttpflowTier,
     /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
     /// every send and receive call, hence off by default).
@@ -783,7 +783,7 @@ fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
 /// How httpflow captures calls (`--httpflow-tier`, `DKE_HTTPFLOW_TIER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpflowTier {
-    /// The default tier: currently syscalls (fentry is opt-in, README "httpflow").
+    /// The default tier: fentry where BPF trampolines work, else syscalls (README "httpflow").
     Auto,
     /// Syscall tracepoints (read/write/send/recv families).
     Syscalls,

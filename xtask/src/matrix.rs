@@ -107,7 +107,15 @@ impl Plan {
             step("bash", bin("bash")?);
             step("dnsflow", format!("{first_tier} {}", bin("dnsflow")?));
             if suite.tests.contains_key("httpflow") {
-                step("httpflow", format!("{first_tier} {}", bin("httpflow")?));
+                for tier in kernel.httpflow_tiers {
+                    step(
+                        &format!("httpflow@{tier}"),
+                        format!(
+                            "{first_tier} DKE_TEST_HTTPFLOW_TIER={tier} {}",
+                            bin("httpflow")?
+                        ),
+                    );
+                }
             }
         } else {
             let broken = |what: &str| kernel.known_broken.iter().any(|(w, _)| *w == what);
@@ -136,12 +144,17 @@ impl Plan {
                     bin("dnsflow")?
                 ),
             );
-            if let Some(test) =
-                smoke_http_test(&suite.httpflow_tests).filter(|_| !broken("httpflow"))
+            // At the tier `auto` picks on this kernel.
+            let http_tier = kernel.httpflow_tiers[0];
+            if let Some(test) = smoke_http_test(&suite.httpflow_tests)
+                .filter(|_| !broken(&format!("httpflow@{http_tier}")))
             {
                 step(
                     "httpflow",
-                    format!("{first_tier} {} --exact {test}", bin("httpflow")?),
+                    format!(
+                        "{first_tier} DKE_TEST_HTTPFLOW_TIER={http_tier} {} --exact {test}",
+                        bin("httpflow")?
+                    ),
                 );
             }
         }

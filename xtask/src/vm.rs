@@ -45,8 +45,10 @@ pub struct Kernel {
     pub tiers: &'static [&'static str],
     /// The kernel where the no-BTF case is tested, with `/sys/kernel/btf` hidden.
     pub hidden_btf: bool,
-    /// netflow tiers (or `httpflow`) with a known failure on this kernel, and why: the smoke
-    /// leaves them out and says so in its report; the full suite runs them.
+    /// httpflow capture tiers this kernel has, the one `auto` picks first.
+    pub httpflow_tiers: &'static [&'static str],
+    /// netflow tiers (or `httpflow@TIER`) with a known failure on this kernel, and why: the
+    /// smoke leaves them out and says so in its report; the full suite runs them.
     pub known_broken: &'static [(&'static str, &'static str)],
 }
 
@@ -56,6 +58,8 @@ pub const KERNELS: &[Kernel] = &[
         source: "http://deb.debian.org/debian-security bullseye-security main",
         // fentry is refused before 5.13 (detaching fexit from a sleeping receive is unsafe).
         tiers: &["kprobe"],
+        // httpflow's fentry tier reads `struct iov_iter` as laid out since 5.14.
+        httpflow_tiers: &["syscalls"],
         hidden_btf: false,
         known_broken: &[],
     },
@@ -63,6 +67,7 @@ pub const KERNELS: &[Kernel] = &[
         label: "6.1",
         source: "http://deb.debian.org/debian-security bookworm-security main",
         tiers: &["fentry", "kprobe"],
+        httpflow_tiers: &["fentry", "syscalls"],
         hidden_btf: true,
         known_broken: &[],
     },
@@ -70,6 +75,7 @@ pub const KERNELS: &[Kernel] = &[
         label: "6.12",
         source: "http://deb.debian.org/debian trixie main",
         tiers: &["fentry", "tracepoint", "kprobe"],
+        httpflow_tiers: &["fentry", "syscalls"],
         hidden_btf: false,
         known_broken: &[],
     },
@@ -77,10 +83,11 @@ pub const KERNELS: &[Kernel] = &[
         label: "7.2",
         source: "http://deb.debian.org/debian sid main",
         tiers: &["fentry", "tracepoint", "kprobe"],
+        httpflow_tiers: &["fentry", "syscalls"],
         hidden_btf: false,
         known_broken: &[(
-            "httpflow",
-            "syscall tracepoint programs run preemptibly since 6.14 and the kernel skips nested runs (recursion_misses): some calls are lost",
+            "httpflow@syscalls",
+            "with lazy preemption, syscall tracepoint programs run preemptibly and the kernel skips a run while another is preempted (recursion_misses): some calls are lost (auto picks fentry here)",
         )],
     },
 ];

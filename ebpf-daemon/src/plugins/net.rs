@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{Availability, Kernel, PluginContext, dnsflow, httpflow, netflow};
 use crate::config::{Config, L7Protocol};
@@ -88,7 +88,18 @@ pub fn start(
                 let choice =
                     httpflow::tier::choose_tier(&kernel.features, btf, config.httpflow_tier)
                         .map_err(|why| anyhow::anyhow!("{why}"))?;
-                httpflow::collector::HttpflowCollector::load(config, btf, &choice, tls)
+                let load = |choice: &httpflow::tier::TierChoice| {
+                    httpflow::collector::HttpflowCollector::load(config, btf, choice, tls)
+                };
+                load(&choice).or_else(|err| {
+                    match httpflow::tier::fallback(&choice, config.httpflow_tier, &err) {
+                        Some(next) => {
+                            warn!("httpflow: {}; trying the syscalls tier", next.reason);
+                            load(&next)
+                        }
+                        None => Err(err),
+                    }
+                })
             });
         match loaded {
             Ok(collector) => {

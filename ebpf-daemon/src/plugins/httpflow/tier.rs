@@ -1,8 +1,8 @@
-//! Which hooks httpflow captures calls from. Syscall tracepoints exist everywhere, but since
-//! they became faultable (6.14+) their programs run preemptibly and the kernel skips a run on a
-//! CPU where another is preempted mid-way, losing calls. fentry/fexit on the INET socket layer
-//! lose far fewer (twin programs, see the probe); they are opt-in until a TLS attribution
-//! problem seen on 7.2 is explained (README "httpflow", Known gaps).
+//! Which hooks httpflow captures calls from. Syscall tracepoints exist everywhere, but on
+//! kernels with full or lazy preemption (7.x) their programs run preemptibly and the kernel
+//! skips a run on a CPU where another is preempted mid-way, losing calls. fentry/fexit on the
+//! INET socket layer do not lose them (twin programs, see the probe) and run only for INET
+//! socket calls, so `auto` takes them wherever BPF trampolines work.
 
 use crate::{btf::KernelBtf, config::HttpflowTier, kernel::KernelFeatures};
 
@@ -33,17 +33,31 @@ pub fn choose_tier(
             tier: HttpflowTier::Syscalls,
             reason: "forced by --httpflow-tier".into(),
         }),
-        // Not fentry yet: on 7.2 it attributes some OpenSSL plain text wrongly (README).
-        HttpflowTier::Auto => Ok(TierChoice {
-            tier: HttpflowTier::Syscalls,
-            reason: match fentry_support(features, btf) {
-                Ok(()) => {
-                    "auto; fentry would run here but is opt-in (--httpflow-tier fentry)".into()
-                }
-                Err(why) => format!("auto; fentry: {why}"),
+        HttpflowTier::Auto => Ok(match fentry_support(features, btf) {
+            Ok(()) => TierChoice {
+                tier: HttpflowTier::Fentry,
+                reason: "auto: BPF trampolines and inet_sendmsg/inet_recvmsg in the kernel's BTF"
+                    .into(),
+            },
+            Err(why) => TierChoice {
+                tier: HttpflowTier::Syscalls,
+                reason: format!("auto; fentry: {why}"),
             },
         }),
     }
+}
+
+/// The tier to fall back to when the auto-chosen fentry tier fails to load or attach (a kernel
+/// may load a trampoline program and still refuse to attach it).
+pub fn fallback(
+    chosen: &TierChoice,
+    forced: HttpflowTier,
+    err: &anyhow::Error,
+) -> Option<TierChoice> {
+    (forced == HttpflowTier::Auto && chosen.tier == HttpflowTier::Fentry).then(|| TierChoice {
+        tier: HttpflowTier::Syscalls,
+        reason: format!("auto; the fentry tier failed: {err:#}"),
+    })
 }
 
 fn fentry_support(features: &KernelFeatures, btf: &KernelBtf) -> Result<(), String> {
@@ -60,4 +74,27 @@ fn fentry_support(features: &KernelFeatures, btf: &KernelBtf) -> Result<(), Stri
     btf.iter_offsets()
         .map(|_| ())
         .map_err(|err| format!("struct iov_iter: {err:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chosen(tier: HttpflowTier) -> TierChoice {
+        TierChoice {
+            tier,
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn only_an_auto_chosen_fentry_tier_falls_back_to_syscalls() {
+        let err = anyhow::anyhow!("attach refused");
+        let next = fallback(&chosen(HttpflowTier::Fentry), HttpflowTier::Auto, &err).unwrap();
+        assert_eq!(next.tier, HttpflowTier::Syscalls);
+        assert!(next.reason.contains("attach refused"), "{}", next.reason);
+        // A forced tier fails as it is; syscalls has nothing to fall back to.
+        assert!(fallback(&chosen(HttpflowTier::Fentry), HttpflowTier::Fentry, &err).is_none());
+        assert!(fallback(&chosen(HttpflowTier::Syscalls), HttpflowTier::Auto, &err).is_none());
+    }
 }
