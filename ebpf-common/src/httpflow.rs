@@ -34,8 +34,8 @@ pub const HTTP_STAT_READ_FAILED: u32 = 1;
 /// OpenSSL plain text whose socket was not known (no socket call seen inside the SSL call,
 /// none remembered for that SSL object): not captured.
 pub const HTTP_STAT_TLS_NO_SOCKET: u32 = 2;
-/// An SSL_read/SSL_write return whose thread's record was not its own call's (the entry or
-/// return of another call was not seen): not captured.
+/// An SSL_read/SSL_write return whose thread's record was of the other kind of call (the entry
+/// or return of another call was not seen): not captured.
 pub const HTTP_STAT_TLS_MISMATCH: u32 = 3;
 /// Number of counters.
 pub const HTTP_STAT_COUNT: u32 = 4;

@@ -139,9 +139,6 @@ mod probe {
         size_ptr: u64,
         /// The socket the library used during the call, 0 until seen.
         sock: u64,
-        /// The stack pointer at entry (pointing at the return address): the call's return
-        /// finds it 8 bytes higher, so a return matches only the record of its own call.
-        sp: u64,
         direction: u32,
         _pad: u32,
     }
@@ -742,8 +739,6 @@ mod probe {
                 0
             },
             sock: 0,
-            // SAFETY: a read of the probe context's registers.
-            sp: unsafe { (*ctx.regs).rsp },
             direction,
             _pad: 0,
         };
@@ -791,12 +786,10 @@ mod probe {
             return 0;
         };
         let _ = SSL_CALLS.remove(&thread);
-        // The thread's record must be this call's: same function kind, same stack frame. A
-        // record left by a call whose return was not seen (or a return whose entry was not)
-        // would put another call's buffer and direction on these bytes.
-        // SAFETY: a read of the probe context's registers.
-        let sp = unsafe { (*ctx.regs).rsp };
-        if call.direction != direction || sp != call.sp.wrapping_add(8) {
+        // The thread's record must be of this kind of call: a record left by a call whose
+        // return was not seen (or a return whose entry was not) would put another call's
+        // buffer and direction on these bytes.
+        if call.direction != direction {
             count(HTTP_STAT_TLS_MISMATCH);
             return 0;
         }

@@ -5,6 +5,7 @@ pub mod dnsflow;
 pub mod endpoints;
 pub mod httpflow;
 mod losses;
+mod misses;
 pub mod net;
 pub mod netflow;
 

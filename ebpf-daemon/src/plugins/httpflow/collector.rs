@@ -20,7 +20,6 @@ use tracing::{debug, info, warn};
 
 use super::{
     aggregate::{Aggregator, HttpOptions},
-    misses::Misses,
     stream::{Call, ConnMeta, Exchange, Streams},
     tier::TierChoice,
     tls::TlsAttacher,
@@ -30,7 +29,7 @@ use crate::{
     clock,
     config::{Config, HttpflowTier},
     plugins::{
-        PluginContext, losses::KernelLosses, netflow::aggregate::Resolver as _,
+        PluginContext, losses::KernelLosses, misses::Misses, netflow::aggregate::Resolver as _,
         netflow::collector::ProcResolver,
     },
     sender::{Category, Destination},
@@ -246,7 +245,7 @@ impl HttpflowCollector {
             ebpf,
             events,
             losses: KernelLosses::new("httpflow", stats, LOSSES),
-            misses: Misses::new(misses),
+            misses: Misses::new("httpflow", misses),
             streams: Streams::new(MAX_CONNS),
             aggregator: Aggregator::new(HttpOptions {
                 ephemeral_port_min: config.ephemeral_port.unwrap_or(0),

@@ -4,7 +4,6 @@
 
 pub mod aggregate;
 pub mod collector;
-mod misses;
 pub mod parse;
 pub mod stream;
 pub mod tier;

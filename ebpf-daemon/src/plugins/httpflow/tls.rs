@@ -17,7 +17,7 @@ use aya::{
 use tracing::{debug, info, warn};
 
 /// (entry program, return program, symbol). Each return program knows its direction, and
-/// checks that the thread's record is its own call's.
+/// checks that the thread's record is of its kind of call.
 const PROGRAMS: [(&str, &str, &str); 4] = [
     ("httpflow_ssl_read", "httpflow_ssl_read_ret", "SSL_read"),
     ("httpflow_ssl_write", "httpflow_ssl_write_ret", "SSL_write"),

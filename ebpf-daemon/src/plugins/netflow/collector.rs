@@ -32,6 +32,7 @@ use crate::{
     plugins::PluginContext,
     plugins::dnsflow::domains::DomainCache,
     plugins::losses::KernelLosses,
+    plugins::misses::Misses,
     sender::{Category, Destination},
 };
 
@@ -115,6 +116,31 @@ const KPROBE_IO: [(&str, bool, &[&str]); 5] = [
 const CLASSIC_TCP: [(&str, &str, &str); 2] = [
     ("netflow_tp_state", "sock", "inet_sock_set_state"),
     ("netflow_tp_retransmit", "tcp", "tcp_retransmit_skb"),
+];
+
+/// Every netflow program, each its own group for [`Misses`]: those not loaded at this tier
+/// have no fd and are left out of the count.
+const MISS_GROUPS: &[&[&str]] = &[
+    &["netflow_send"],
+    &["netflow_recv"],
+    &["netflow_state"],
+    &["netflow_retransmit"],
+    &["netflow_fexit_inet_send"],
+    &["netflow_fexit_inet_recv"],
+    &["netflow_fexit_inet6_send"],
+    &["netflow_fexit_inet6_recv"],
+    &["netflow_kprobe_send"],
+    &["netflow_kretprobe_send"],
+    &["netflow_kprobe_recv"],
+    &["netflow_kprobe_tcp_recv"],
+    &["netflow_kprobe_udp_recv"],
+    &["netflow_tp_state"],
+    &["netflow_tp_retransmit"],
+    &["netflow_sendto"],
+    &["netflow_sendmsg"],
+    &["netflow_recvfrom"],
+    &["netflow_recvmsg"],
+    &["netflow_recv_exit"],
 ];
 
 /// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
@@ -286,11 +312,13 @@ fn tier_support(
 
 /// The loaded and attached programs. Dropping it detaches everything.
 pub struct NetflowCollector {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     conns: HashMap<MapData, u64, ConnInfo>,
     udp_flows: HashMap<MapData, UdpFlowKey, ConnInfo>,
     closed: AsyncFd<RingBuf<MapData>>,
     losses: KernelLosses,
+    /// Program runs the kernel skipped (`recursion_misses`): calls not counted.
+    misses: Misses,
     tracker: Tracker,
     resolver: ProcResolver,
 }
@@ -373,11 +401,12 @@ impl NetflowCollector {
             include_udp: true,
         };
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             conns,
             udp_flows,
             closed,
             losses: KernelLosses::new("netflow", stats, LOSSES),
+            misses: Misses::new("netflow", MISS_GROUPS),
             tracker: Tracker::new(options),
             resolver: ProcResolver::new(config.host_proc.clone()),
         })
@@ -405,6 +434,7 @@ impl NetflowCollector {
                 _ = tick.tick() => {
                     self.report(&ctx, &mut closed);
                     self.losses.report();
+                    self.misses.report(&self.ebpf);
                 }
                 _ = ctx.shutdown.changed() => break,
             }
@@ -412,6 +442,7 @@ impl NetflowCollector {
         // What happened since the last interval is still reported.
         self.report(&ctx, &mut closed);
         self.losses.report();
+        self.misses.report(&self.ebpf);
         Ok(())
     }
 

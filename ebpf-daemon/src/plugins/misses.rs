@@ -1,13 +1,14 @@
-//! Calls the kernel did not give to our programs: a tracepoint program is skipped (and its
-//! `recursion_misses` counted) when another BPF program is running on the same CPU. Since the
-//! syscall tracepoints became preemptible (faultable, kernel 6.1x+), a program preempted on a
-//! busy CPU makes the next syscalls there skip ours: seen on 7.2, where it loses requests.
-//! aya has no accessor for the counter, so it is read with BPF_OBJ_GET_INFO_BY_FD.
+//! Calls the kernel did not give to our programs: a tracing program is skipped (and its
+//! `recursion_misses` counted) when a run of the same program is already in progress on that
+//! CPU, and a kprobe or classic tracepoint one when any BPF program is. On kernels with lazy
+//! or full preemption (7.2 in vm-test) programs run preemptibly, so a program preempted on a
+//! busy CPU makes the next runs there skip it: httpflow and netflow lose calls that way. aya
+//! has no accessor for the counter, so it is read with BPF_OBJ_GET_INFO_BY_FD.
 //!
-//! The fentry tier runs twin programs on each hook (a preempted run holds only one of them): a
-//! call is lost only when both twins were skipped for it. Which calls each skipped is not
-//! known, so only a bound is logged (per hook, the smaller of the twins' counts), at info; the
-//! e2e tests' exact row counts are what show no call was lost.
+//! httpflow's fentry tier runs twin programs on each hook (a preempted run holds only one of
+//! them): a call is lost only when both twins were skipped for it. Which calls each skipped is
+//! not known, so only a bound is logged (per hook, the smaller of the twins' counts), at info;
+//! the e2e tests' exact row counts are what show no call was lost.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -19,6 +20,8 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const RECURSION_MISSES: usize = 208;
 
 pub struct Misses {
+    /// The plugin named in the log lines.
+    plugin: &'static str,
     /// Groups of programs that each see the same calls (one program, or twins).
     groups: &'static [&'static [&'static str]],
     /// Calls certainly lost: misses of programs without a twin.
@@ -30,8 +33,9 @@ pub struct Misses {
 }
 
 impl Misses {
-    pub fn new(groups: &'static [&'static [&'static str]]) -> Self {
+    pub fn new(plugin: &'static str, groups: &'static [&'static [&'static str]]) -> Self {
         Misses {
+            plugin,
             groups,
             lost: 0,
             at_most: 0,
@@ -59,10 +63,11 @@ impl Misses {
         let covered = skipped.saturating_sub(at_most);
         if covered > self.covered || at_most > self.at_most {
             info!(
-                "httpflow: {} program runs skipped by the kernel (a preempted run of the same \
+                "{}: {} program runs skipped by the kernel (a preempted run of the same \
                  program on that CPU), covered by their twin unless both twins were skipped for \
                  the same call (at most {} calls lost; totals {covered} covered, at most {at_most} \
                  lost)",
+                self.plugin,
                 covered - self.covered,
                 at_most - self.at_most,
             );
@@ -71,8 +76,9 @@ impl Misses {
         }
         if lost > self.lost {
             warn!(
-                "httpflow: {} calls missed: the kernel skipped the program while another BPF \
+                "{}: {} calls missed: the kernel skipped the program while another BPF \
                  program ran on that CPU (total {lost})",
+                self.plugin,
                 lost - self.lost
             );
             self.lost = lost;
