@@ -183,6 +183,14 @@ fn canonical(points: &[Point], pair: &NetPair, server_ports: &[u16]) -> BTreeMap
             *total += p.int(field).unwrap_or(0);
         }
     }
+    // Under software emulation a segment is now and then really retransmitted (the guest runs
+    // several times slower than its timers); the retransmit test checks that count against the
+    // kernel's own, so parity leaves it out there.
+    if emulated() {
+        for totals in rows.values_mut() {
+            totals[4] = 0;
+        }
+    }
     rows
 }
 
