@@ -23,7 +23,7 @@ pub struct Misses {
     /// The plugin named in the log lines.
     plugin: &'static str,
     /// Groups of programs that each see the same calls (one program, or twins).
-    groups: &'static [&'static [&'static str]],
+    groups: Vec<Vec<String>>,
     /// Calls certainly lost: misses of programs without a twin.
     lost: u64,
     /// Twin groups: at most this many calls lost (both twins skipped, maybe for different
@@ -33,7 +33,28 @@ pub struct Misses {
 }
 
 impl Misses {
-    pub fn new(plugin: &'static str, groups: &'static [&'static [&'static str]]) -> Self {
+    pub fn new(plugin: &'static str, groups: &[&[&str]]) -> Self {
+        Self::of(
+            plugin,
+            groups
+                .iter()
+                .map(|g| g.iter().map(|n| n.to_string()).collect())
+                .collect(),
+        )
+    }
+
+    /// Every program of `ebpf`, each on its own (no twins); programs never loaded have no fd
+    /// and count nothing.
+    pub fn each_program(plugin: &'static str, ebpf: &Ebpf) -> Self {
+        Self::of(
+            plugin,
+            ebpf.programs()
+                .map(|(name, _)| vec![name.to_string()])
+                .collect(),
+        )
+    }
+
+    fn of(plugin: &'static str, groups: Vec<Vec<String>>) -> Self {
         Misses {
             plugin,
             groups,
@@ -47,7 +68,7 @@ impl Misses {
     /// twins' bound and covered skips at info (each twin's count is known, not which calls).
     pub fn report(&mut self, ebpf: &Ebpf) {
         let (mut lost, mut at_most, mut skipped) = (0, 0, 0);
-        for group in self.groups {
+        for group in &self.groups {
             let counts: Vec<u64> = group
                 .iter()
                 .filter_map(|name| ebpf.program(name)?.fd().ok())

@@ -118,31 +118,6 @@ const CLASSIC_TCP: [(&str, &str, &str); 2] = [
     ("netflow_tp_retransmit", "tcp", "tcp_retransmit_skb"),
 ];
 
-/// Every netflow program, each its own group for [`Misses`]: those not loaded at this tier
-/// have no fd and are left out of the count.
-const MISS_GROUPS: &[&[&str]] = &[
-    &["netflow_send"],
-    &["netflow_recv"],
-    &["netflow_state"],
-    &["netflow_retransmit"],
-    &["netflow_fexit_inet_send"],
-    &["netflow_fexit_inet_recv"],
-    &["netflow_fexit_inet6_send"],
-    &["netflow_fexit_inet6_recv"],
-    &["netflow_kprobe_send"],
-    &["netflow_kretprobe_send"],
-    &["netflow_kprobe_recv"],
-    &["netflow_kprobe_tcp_recv"],
-    &["netflow_kprobe_udp_recv"],
-    &["netflow_tp_state"],
-    &["netflow_tp_retransmit"],
-    &["netflow_sendto"],
-    &["netflow_sendmsg"],
-    &["netflow_recvfrom"],
-    &["netflow_recvmsg"],
-    &["netflow_recv_exit"],
-];
-
 /// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
 const SYSCALL_PROGRAMS: [(&str, &[&str]); 5] = [
     ("netflow_sendto", &["sys_enter_sendto"]),
@@ -394,6 +369,7 @@ impl NetflowCollector {
         // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
         let closed = unsafe { AsyncFd::register(closed) }
             .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
+        let misses = Misses::each_program("netflow", &ebpf);
         let options = NetflowOptions {
             ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
             include_loopback: config.netflow_include_loopback,
@@ -406,7 +382,7 @@ impl NetflowCollector {
             udp_flows,
             closed,
             losses: KernelLosses::new("netflow", stats, LOSSES),
-            misses: Misses::new("netflow", MISS_GROUPS),
+            misses,
             tracker: Tracker::new(options),
             resolver: ProcResolver::new(config.host_proc.clone()),
         })
