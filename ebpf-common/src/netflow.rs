@@ -92,11 +92,11 @@ pub struct NetOffsets {
 
 crate::assert_size!(NetOffsets, 60);
 
-/// Name of the read-only global holding [`TracepointOffsets`] (kprobe tier).
+/// Name of the read-only global holding [`TracepointOffsets`] (kprobe and classic-tracepoint tiers).
 pub const TP_OFFSETS_GLOBAL: &str = "NET_TP_OFFSETS";
 
 /// Byte offsets of the classic tracepoints' fields, from their `format` files in tracefs. The
-/// kprobe tier uses classic tracepoints (not tp_btf) so it also runs on kernels whose BTF is
+/// kprobe and classic-tracepoint tiers use them (not tp_btf): they also run on kernels whose BTF is
 /// only available as a file (`--btf`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -107,9 +107,17 @@ pub struct TracepointOffsets {
     pub state_newstate: u32,
     /// `tcp:tcp_retransmit_skb`: `skaddr`
     pub retransmit_skaddr: u32,
+    /// `sock:sock_send_length`: `sk`, `ret`, `flags` (classic tier)
+    pub send_sk: u32,
+    pub send_ret: u32,
+    pub send_flags: u32,
+    /// `sock:sock_recv_length`: `sk`, `ret`, `flags` (classic tier)
+    pub recv_sk: u32,
+    pub recv_ret: u32,
+    pub recv_flags: u32,
 }
 
-crate::assert_size!(TracepointOffsets, 16);
+crate::assert_size!(TracepointOffsets, 40);
 
 /// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 #[repr(C)]

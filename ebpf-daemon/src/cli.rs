@@ -107,7 +107,7 @@ pub struct CliArgs {
     /// External kernel BTF file, for kernels without /sys/kernel/btf/vmlinux
     #[arg(long, value_name = "PATH")]
     pub btf: Option<PathBuf>,
-    /// netflow attach tier: auto, fentry, kprobe or tracepoint [default: auto, the best the kernel offers]
+    /// netflow attach tier: auto, fentry, tracepoint, classic-tracepoint or kprobe [default: auto, the best the kernel offers]
     #[arg(long, value_name = "TIER")]
     pub netflow_tier: Option<String>,
     /// Connections netflow tracks at once (kernel map size; about 200 bytes each) [default: 65536]

@@ -755,6 +755,8 @@ pub enum NetflowTier {
     Kprobe,
     /// BTF-typed tracepoints (`tp_btf`).
     Tracepoint,
+    /// Classic (perf) tracepoints: the same events as `Tracepoint`, run with preemption off.
+    ClassicTracepoint,
 }
 
 impl NetflowTier {
@@ -764,6 +766,7 @@ impl NetflowTier {
             Self::Fentry => "fentry",
             Self::Kprobe => "kprobe",
             Self::Tracepoint => "tracepoint",
+            Self::ClassicTracepoint => "classic-tracepoint",
         }
     }
 }
@@ -774,8 +777,9 @@ fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
         "fentry" => Ok(NetflowTier::Fentry),
         "kprobe" => Ok(NetflowTier::Kprobe),
         "tracepoint" => Ok(NetflowTier::Tracepoint),
+        "classic-tracepoint" => Ok(NetflowTier::ClassicTracepoint),
         other => Err(format!(
-            "unknown netflow tier `{other}`; valid tiers are: auto, fentry, kprobe, tracepoint"
+            "unknown netflow tier `{other}`; valid tiers are: auto, fentry, kprobe, tracepoint, classic-tracepoint"
         )),
     }
 }

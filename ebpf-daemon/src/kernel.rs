@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod preemption;
+
 use aya::{
     maps::MapType,
     programs::ProgramType,
@@ -51,6 +53,9 @@ pub struct KernelFeatures {
     pub uprobes: Probe,
     pub ringbuf: Probe,
     pub perf_event_array: Probe,
+    /// Yes when the kernel may preempt a BPF program mid-run (full, lazy or RT preemption):
+    /// it then skips trampoline and tp_btf programs on that CPU until the run resumes.
+    pub preemption: Probe,
 }
 
 impl KernelFeatures {
@@ -91,6 +96,7 @@ impl KernelFeatures {
         };
         let ringbuf = map_probe(MapType::RingBuf, "ring buffer (kernel 5.8+)");
         let perf_event_array = map_probe(MapType::PerfEventArray, "perf event array");
+        let preemption = preemption::probe();
         Self {
             release,
             tracefs_path: tracefs.map(Path::to_path_buf),
@@ -102,11 +108,12 @@ impl KernelFeatures {
             uprobes,
             ringbuf,
             perf_event_array,
+            preemption,
         }
     }
 
     /// (name, probe) pairs in display order.
-    pub fn rows(&self) -> [(&'static str, &Probe); 8] {
+    pub fn rows(&self) -> [(&'static str, &Probe); 9] {
         [
             ("btf", &self.btf),
             ("tracefs", &self.tracefs),
@@ -116,6 +123,7 @@ impl KernelFeatures {
             ("uprobes", &self.uprobes),
             ("ring buffer", &self.ringbuf),
             ("perf event array", &self.perf_event_array),
+            ("preemption", &self.preemption),
         ]
     }
 }

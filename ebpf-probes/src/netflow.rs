@@ -77,13 +77,19 @@ mod probe {
         socket_sk: 0,
     };
 
-    /// Filled in by the daemon from tracefs (kprobe tier's classic tracepoints).
+    /// Filled in by the daemon from tracefs (the kprobe and classic tiers' tracepoints).
     #[unsafe(no_mangle)]
     static NET_TP_OFFSETS: TracepointOffsets = TracepointOffsets {
         state_skaddr: 0,
         state_oldstate: 0,
         state_newstate: 0,
         retransmit_skaddr: 0,
+        send_sk: 0,
+        send_ret: 0,
+        send_flags: 0,
+        recv_sk: 0,
+        recv_ret: 0,
+        recv_flags: 0,
     };
 
     /// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
@@ -404,7 +410,7 @@ mod probe {
         0
     }
 
-    /// `sock:inet_sock_set_state`, classic tracepoint (kprobe tier).
+    /// `sock:inet_sock_set_state`, classic tracepoint (kprobe and classic tiers).
     #[tracepoint]
     pub fn netflow_tp_state(ctx: TracePointContext) -> u32 {
         // SAFETY: a read of our own read-only global; volatile so the loader's value is used.
@@ -428,7 +434,50 @@ mod probe {
         0
     }
 
-    /// `tcp:tcp_retransmit_skb`, classic tracepoint (kprobe tier).
+    /// `sock:sock_send_length` and `sock:sock_recv_length`, classic tracepoints (classic tier).
+    #[tracepoint]
+    pub fn netflow_tp_send(ctx: TracePointContext) -> u32 {
+        // SAFETY: as in netflow_tp_state.
+        let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
+        classic_io(&ctx, off.send_sk, off.send_ret, off.send_flags, true);
+        0
+    }
+
+    #[tracepoint]
+    pub fn netflow_tp_recv(ctx: TracePointContext) -> u32 {
+        // SAFETY: as in netflow_tp_state.
+        let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
+        classic_io(&ctx, off.recv_sk, off.recv_ret, off.recv_flags, false);
+        0
+    }
+
+    /// A send or receive from the `sock_msg_length` event class (`sk`, `ret`, `flags`).
+    #[inline(always)]
+    fn classic_io(ctx: &TracePointContext, sk: u32, ret: u32, flags: u32, send: bool) {
+        // SAFETY: offsets from this tracepoint's format file; reads are bounds-checked.
+        let fields = unsafe {
+            (
+                ctx.read_at::<u64>(sk as usize),
+                ctx.read_at::<i32>(ret as usize),
+                ctx.read_at::<i32>(flags as usize),
+            )
+        };
+        let (Ok(sk), Ok(ret), Ok(flags)) = fields else {
+            count(NETFLOW_STAT_READ_FAILED);
+            return;
+        };
+        if ret <= 0 {
+            return;
+        }
+        if send {
+            on_io(sk as *const u8, ret as u64, 0);
+        } else if flags & MSG_PEEK == 0 {
+            // A peek leaves the data in the socket: it is counted when really read.
+            on_io(sk as *const u8, 0, ret as u64);
+        }
+    }
+
+    /// `tcp:tcp_retransmit_skb`, classic tracepoint (kprobe and classic tiers).
     #[tracepoint]
     pub fn netflow_tp_retransmit(ctx: TracePointContext) -> u32 {
         // SAFETY: as in netflow_tp_state.

@@ -36,6 +36,14 @@ const HTTP_PORT: u16 = 8088;
 /// idle gaps measures wake-up latency, not cost.
 const HTTP_CLIENTS: usize = 16;
 
+/// The netflow tier measured: `DKE_BENCH_NETFLOW_TIER`, else `tracepoint` (this host's auto).
+fn bench_tier() -> &'static str {
+    static TIER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TIER.get_or_init(|| {
+        std::env::var("DKE_BENCH_NETFLOW_TIER").unwrap_or_else(|_| "tracepoint".into())
+    })
+}
+
 fn daemon_args() -> Vec<&'static str> {
     vec![
         "run",
@@ -48,7 +56,7 @@ fn daemon_args() -> Vec<&'static str> {
         "--min-interval",
         "1s",
         "--netflow-tier",
-        "tracepoint",
+        bench_tier(),
         // netflow alone: httpflow (on by default) has syscall tracepoints of its own.
         "--l7net-disabled",
         "httpflow,httpflow-tls",

@@ -1,6 +1,6 @@
 //! netflow tier parity: the same fixed workload under every attach tier this kernel offers
 //! (what `datakit-ebpf check --netflow-tier X` says can run) gives the same rows, equal to fixed
-//! expected values. On the CI host only the tracepoint tier runs, so this checks its exact rows;
+//! expected values. On the CI host the tracepoint and classic-tracepoint tiers run;
 //! the kernel matrix (`cargo xtask vm-test`) runs it on kernels with fentry and kprobes, where it
 //! proves the tiers agree, and the fixed values make the kernels agree with each other too.
 
@@ -15,7 +15,7 @@ use common::{
 };
 use fake_datakit::{FakeDataKit, Point};
 
-const TIERS: [&str; 3] = ["fentry", "tracepoint", "kprobe"];
+const TIERS: [&str; 4] = ["fentry", "tracepoint", "classic-tracepoint", "kprobe"];
 
 /// Fixed server ports of the TCP exchanges (fresh namespaces per tier: never taken).
 const TCP4_PORT: u16 = 7001;
@@ -273,6 +273,40 @@ fn tcp_and_connected_udp(pair: &NetPair) -> Vec<u16> {
     let (_, udp_server) =
         netns::udp_connected_exchange(pair, pair.b_v4.into(), &[100, 1000, 1472], &[10, 20, 30]);
     vec![TCP4_PORT, TCP6_PORT, udp_server.port()]
+}
+
+/// `auto`'s pick is usable, is `DKE_TEST_AUTO_TIER` when the kernel matrix says which it must
+/// be, and where `check` reports that the kernel preempts BPF programs, runs with preemption
+/// off (classic tracepoints or kprobes: the others lose calls there).
+#[test]
+fn auto_picks_a_tier_that_loses_nothing_here() {
+    if !privileged() {
+        return;
+    }
+    let out = Command::new(DAEMON)
+        .args(["check", "--enabled", "ebpf-net"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let picked = TIERS
+        .into_iter()
+        .find(|tier| text.contains(&format!("netflow at the {tier} tier")))
+        .unwrap_or_else(|| panic!("check names no netflow tier:\n{text}"));
+    assert!(usable_tiers().contains(&picked), "{text}");
+    if let Ok(expected) = std::env::var("DKE_TEST_AUTO_TIER") {
+        assert_eq!(picked, expected, "auto's tier on this kernel:\n{text}");
+    }
+    let preemptible = text.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("preemption") && words.next() == Some("yes")
+    });
+    if preemptible {
+        assert!(
+            matches!(picked, "classic-tracepoint" | "kprobe"),
+            "a preemptible kernel got {picked}:\n{text}"
+        );
+    }
 }
 
 #[test]

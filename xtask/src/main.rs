@@ -652,6 +652,14 @@ fn test(quick: bool, no_vm: bool, packages: &[String], test_args: &[OsString]) -
     }
     let name = show(&cmd);
     steps.push((name, Box::new(move || run(cmd))));
+    if packages.is_empty() && test_args.is_empty() {
+        // The suite above runs netflow at the tracepoint tier; the host has one more.
+        let mut cmd = cargo()?;
+        cmd.args(["test", "-p", "datakit-ebpf", "--test", "netflow"])
+            .env("DKE_TEST_NETFLOW_TIER", "classic-tracepoint");
+        let name = format!("DKE_TEST_NETFLOW_TIER=classic-tracepoint {}", show(&cmd));
+        steps.push((name, Box::new(move || run(cmd))));
+    }
     if !no_vm {
         // The kernels CI's host is not: fentry and kprobe tiers, older verifiers (README,
         // "Kernel matrix"). The full suite is `cargo xtask vm-test`.

@@ -102,7 +102,11 @@ impl Plan {
             }
             step(
                 "tiers",
-                format!("DKE_TEST_EXPECT_TIERS={tiers} {}", bin("tiers")?),
+                format!(
+                    "DKE_TEST_EXPECT_TIERS={tiers} DKE_TEST_AUTO_TIER={} {}",
+                    kernel.tiers[0],
+                    bin("tiers")?
+                ),
             );
             step("bash", bin("bash")?);
             step("dnsflow", format!("{first_tier} {}", bin("dnsflow")?));
@@ -128,8 +132,9 @@ impl Plan {
             step(
                 "tiers",
                 format!(
-                    "DKE_TEST_EXPECT_TIERS={tiers} DKE_TEST_SKIP_TIERS={} {} --exact same_rows_at_every_tier_tcp_and_connected_udp",
+                    "DKE_TEST_EXPECT_TIERS={tiers} DKE_TEST_SKIP_TIERS={} DKE_TEST_AUTO_TIER={} {} --exact same_rows_at_every_tier_tcp_and_connected_udp auto_picks_a_tier_that_loses_nothing_here",
                     skip.join(","),
+                    kernel.tiers[0],
                     bin("tiers")?
                 ),
             );

@@ -112,7 +112,14 @@ const KPROBE_IO: [(&str, bool, &[&str]); 5] = [
     ("netflow_kprobe_udp_recv", false, &["skb_consume_udp"]),
 ];
 
-/// (program, group, event) of the kprobe tier's classic tracepoints.
+/// (program, group, event) of the classic-tracepoint tier's sends and receives.
+const CLASSIC_IO: [(&str, &str, &str); 2] = [
+    ("netflow_tp_send", "sock", "sock_send_length"),
+    ("netflow_tp_recv", "sock", "sock_recv_length"),
+];
+
+/// (program, group, event) of the classic tracepoints of TCP state changes and retransmits:
+/// kprobe and classic-tracepoint tiers.
 const CLASSIC_TCP: [(&str, &str, &str); 2] = [
     ("netflow_tp_state", "sock", "inet_sock_set_state"),
     ("netflow_tp_retransmit", "tcp", "tcp_retransmit_skb"),
@@ -161,16 +168,33 @@ pub fn tier_candidates(
 ) -> Result<Vec<TierChoice>, String> {
     let mut notes = Vec::new();
     let candidates: &[NetflowTier] = match forced {
-        // Tracepoints before kprobes: a tp_btf program costs less than a kprobe/kretprobe pair
-        // and counts the same calls.
+        // Where the kernel preempts trampoline and tp_btf programs it skips their runs on that
+        // CPU meanwhile (recursion_misses: calls lost); kprobes and classic tracepoints run with
+        // preemption off, so they come first there.
+        NetflowTier::Auto if features.preemption.available => {
+            notes.push(format!(
+                "fentry and tracepoint last: preemption {}, and the kernel skips such a program on a CPU while a run of it is preempted",
+                features.preemption.detail
+            ));
+            &[
+                NetflowTier::ClassicTracepoint,
+                NetflowTier::Kprobe,
+                NetflowTier::Fentry,
+                NetflowTier::Tracepoint,
+            ]
+        }
+        // Cheapest first: one trampoline or tp_btf program per call, then a classic
+        // tracepoint (the event record is built first), then a kprobe/kretprobe pair.
         NetflowTier::Auto => &[
             NetflowTier::Fentry,
             NetflowTier::Tracepoint,
+            NetflowTier::ClassicTracepoint,
             NetflowTier::Kprobe,
         ],
         NetflowTier::Fentry => &[NetflowTier::Fentry],
         NetflowTier::Kprobe => &[NetflowTier::Kprobe],
         NetflowTier::Tracepoint => &[NetflowTier::Tracepoint],
+        NetflowTier::ClassicTracepoint => &[NetflowTier::ClassicTracepoint],
     };
     let mut usable = Vec::new();
     for &tier in candidates {
@@ -245,24 +269,17 @@ fn tier_support(
             if !features.kprobes.available {
                 return Err(format!("no kprobes ({})", features.kprobes.detail));
             }
-            let Some(tracefs) = &features.tracefs_path else {
-                return Err("needs tracefs for its classic tracepoints".into());
-            };
             btf.map_err(|why| format!("needs BTF for struct offsets: {why}"))?;
-            let missing: Vec<String> = CLASSIC_TCP
-                .iter()
-                .filter(|(_, group, event)| {
-                    !tracefs.join("events").join(group).join(event).exists()
-                })
-                .map(|(_, group, event)| format!("{group}/{event}"))
-                .collect();
-            if !missing.is_empty() {
-                return Err(format!(
-                    "kernel lacks the tracepoints {}",
-                    missing.join(", ")
-                ));
-            }
+            missing_classic(features, &CLASSIC_TCP)?;
             Ok("kprobe+kretprobe inet_sendmsg/inet_recvmsg (and inet6_*), tracepoints sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
+        }
+        NetflowTier::ClassicTracepoint => {
+            btf.map_err(|why| format!("needs BTF for struct offsets: {why}"))?;
+            let mut wanted = CLASSIC_IO.to_vec();
+            wanted.extend(CLASSIC_TCP);
+            missing_classic(features, &wanted)
+                .map_err(|why| format!("{why} (sock_send_length/sock_recv_length need 6.3+)"))?;
+            Ok("tracepoints sock/sock_send_length, sock/sock_recv_length, sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
         }
         NetflowTier::Tracepoint => {
             let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
@@ -282,6 +299,26 @@ fn tier_support(
             }
             Ok("tp_btf sock_send_length, sock_recv_length, inet_sock_set_state, tcp_retransmit_skb".into())
         }
+    }
+}
+
+/// Ok when tracefs has every classic tracepoint of `wanted`, else which are missing.
+fn missing_classic(features: &KernelFeatures, wanted: &[(&str, &str, &str)]) -> Result<(), String> {
+    let Some(tracefs) = &features.tracefs_path else {
+        return Err("needs tracefs for its classic tracepoints".into());
+    };
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(_, group, event)| !tracefs.join("events").join(group).join(event).exists())
+        .map(|(_, group, event)| format!("{group}/{event}"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "kernel lacks the tracepoints {}",
+            missing.join(", ")
+        ))
     }
 }
 
@@ -317,11 +354,12 @@ impl NetflowCollector {
         // fexit and tp_btf programs attach by the running kernel's own type ids; a --btf file
         // (for a kernel without them) only gives offsets, and the kprobe tier needs no ids.
         let btf = match tier.tier {
-            NetflowTier::Kprobe => None,
+            NetflowTier::Kprobe | NetflowTier::ClassicTracepoint => None,
             _ => Some(Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?),
         };
         let tp_offsets = match tier.tier {
-            NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs)?,
+            NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs, false)?,
+            NetflowTier::ClassicTracepoint => classic_tracepoint_offsets(tracefs, true)?,
             _ => TracepointOffsets::default(),
         };
         let mut ebpf = EbpfLoader::new()
@@ -509,6 +547,11 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow:
             }
             tp_btf.extend(TP_BTF_TCP);
         }
+        NetflowTier::ClassicTracepoint => {
+            for (name, group, event) in CLASSIC_IO.into_iter().chain(CLASSIC_TCP) {
+                attach_classic(ebpf, name, group, event)?;
+            }
+        }
         NetflowTier::Kprobe => {
             for (name, is_return, functions) in KPROBE_IO {
                 let kind = if is_return { "kretprobe" } else { "kprobe" };
@@ -528,11 +571,7 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow:
                 }
             }
             for (name, group, event) in CLASSIC_TCP {
-                let program: &mut TracePoint = program_as(ebpf, name)?;
-                program.load().with_context(|| format!("loading {name}"))?;
-                program
-                    .attach(group, event)
-                    .with_context(|| format!("attaching {name} to {group}/{event}"))?;
+                attach_classic(ebpf, name, group, event)?;
             }
         }
     }
@@ -545,6 +584,15 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow:
             .attach()
             .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
     }
+    Ok(())
+}
+
+fn attach_classic(ebpf: &mut Ebpf, name: &str, group: &str, event: &str) -> anyhow::Result<()> {
+    let program: &mut TracePoint = program_as(ebpf, name)?;
+    program.load().with_context(|| format!("loading {name}"))?;
+    program
+        .attach(group, event)
+        .with_context(|| format!("attaching {name} to {group}/{event}"))?;
     Ok(())
 }
 
@@ -566,8 +614,13 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 /// Field offsets of the kprobe tier's classic tracepoints, from their tracefs format files.
-fn classic_tracepoint_offsets(tracefs: Option<&Path>) -> anyhow::Result<TracepointOffsets> {
-    let tracefs = tracefs.context("the kprobe tier needs tracefs for its tracepoints")?;
+/// Field offsets of the classic tracepoints: TCP state and retransmits, and with `io` sends and
+/// receives (classic-tracepoint tier).
+fn classic_tracepoint_offsets(
+    tracefs: Option<&Path>,
+    io: bool,
+) -> anyhow::Result<TracepointOffsets> {
+    let tracefs = tracefs.context("this tier needs tracefs for its tracepoints")?;
     let state = crate::kernel::tracepoint_field_offsets(
         tracefs,
         "sock",
@@ -576,12 +629,23 @@ fn classic_tracepoint_offsets(tracefs: Option<&Path>) -> anyhow::Result<Tracepoi
     )?;
     let retransmit =
         crate::kernel::tracepoint_field_offsets(tracefs, "tcp", "tcp_retransmit_skb", &["skaddr"])?;
-    Ok(TracepointOffsets {
+    let mut offsets = TracepointOffsets {
         state_skaddr: state[0],
         state_oldstate: state[1],
         state_newstate: state[2],
         retransmit_skaddr: retransmit[0],
-    })
+        ..TracepointOffsets::default()
+    };
+    if io {
+        let fields = ["sk", "ret", "flags"];
+        let send =
+            crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_send_length", &fields)?;
+        let recv =
+            crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_recv_length", &fields)?;
+        [offsets.send_sk, offsets.send_ret, offsets.send_flags] = [send[0], send[1], send[2]];
+        [offsets.recv_sk, offsets.recv_ret, offsets.recv_flags] = [recv[0], recv[1], recv[2]];
+    }
+    Ok(offsets)
 }
 
 /// An id for a UDP flow among the socket ids: a hash of socket and peer, with the low bit set to
