@@ -314,7 +314,10 @@ fn main() {
         assert!(daemon.terminate().success());
     }
     let (off, on) = (median(off), median(on));
-    println!("\n== netflow overhead (over veth, 5 interleaved off/on pairs, medians)");
+    println!(
+        "\n== netflow overhead at the {} tier (over veth, 5 interleaved off/on pairs, medians)",
+        bench_tier()
+    );
     println!(
         "HTTP keep-alive to nginx ({HTTP_CLIENTS} connections, {PAGE}-byte pages): off {:.0} req/s, on {:.0} req/s; ratio {:.3} (target >= 0.97)",
         median(http_off),

@@ -148,7 +148,10 @@ impl Sources {
         }
         // A static build without a marker is none or voluntary: neither preempts programs.
         if !words.is_empty() {
-            return Some((Mode::Voluntary, "uname -v, no PREEMPT marker"));
+            return Some((
+                Mode::Voluntary,
+                "uname -v: no PREEMPT marker, none or voluntary",
+            ));
         }
         None
     }
