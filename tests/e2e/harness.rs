@@ -216,7 +216,7 @@ fn packet_loss_causes_retransmissions() {
     let pair = NetPair::create("hl");
     let rules =
         || String::from_utf8(pair.b.exec("iptables", &["-w", "-S", "INPUT"]).stdout).unwrap();
-    let loss = packet_loss(&pair.b, 0.1);
+    let loss = packet_loss(&pair, 0.1);
     assert!(rules().contains("statistic"), "{}", rules());
 
     const SIZE: usize = 2 * 1024 * 1024;
@@ -307,7 +307,7 @@ fn namespaces_are_gone_after_drop() {
         assert!(listed(&list, name), "{name} missing:\n{list}");
     }
     // With a connection and a loss rule alive at drop time.
-    let loss = packet_loss(&pair.b, 0.01);
+    let loss = packet_loss(&pair, 0.01);
     let x = tcp_exchange(&pair, pair.b_v4.into(), 0, 1000, 1000);
     assert_eq!(x.server_info.bytes_received, 1000);
     drop(pair);

@@ -343,7 +343,7 @@ fn retransmits_match_the_kernel_count() {
     let client_ns = pair.a.inode();
     let mut session = netns::tcp_session(&pair, server_ip, 0);
     {
-        let _loss = netns::packet_loss(&pair.b, 0.1);
+        let _loss = netns::packet_loss(&pair, 0.1);
         session.send_client(2_000_000);
         session.send_server(1);
     }

@@ -30,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool", // loaded programs after SIGTERM (bash lifecycle test), bpf_stats (bench), BTF header (btf test)
     "iproute2", // `ip netns`/veth: the network tests' hosts in namespaces
     "iptables", // packet loss with the netfilter `statistic` match (retransmit test)
+    "ethtool", // segmentation offloads off on the lossy veth pair (retransmit test)
     "procps",  // `sysctl kernel.bpf_stats_enabled` (bench)
     "bash",    // the bash collector's tests drive /bin/bash
     "util-linux", // `mount -t tracefs` in the lifecycle test

@@ -684,16 +684,28 @@ pub fn udp_exchange(
     (client_addr, server_addr)
 }
 
-/// Drops a share of the TCP packets entering namespace `ns` (iptables and ip6tables `statistic`
+/// Drops a share of the TCP packets entering a pair's `b` end (iptables and ip6tables `statistic`
 /// match on INPUT); the rules are removed on Drop.
 pub struct PacketLoss {
     ns: String,
     rule: Vec<String>,
 }
 
-/// Drops `probability` (0..=1) of the TCP packets (IPv4 and IPv6) entering `ns`.
-pub fn packet_loss(ns: &Netns, probability: f64) -> PacketLoss {
+/// Drops `probability` (0..=1) of the TCP packets (IPv4 and IPv6) entering `pair.b`.
+///
+/// Segmentation offloads are turned off on both ends first: veth carries a TSO/GSO skb of up to
+/// 64 KB whole, so 2 MB could cross as a few dozen "packets" and a 10% rule may drop none of
+/// them. With MTU-sized packets the rule sees every segment (about 1,450 per 2 MB). The device's
+/// features apply at transmit time, so sockets already connected are segmented too.
+pub fn packet_loss(pair: &NetPair, probability: f64) -> PacketLoss {
     assert!((0.0..=1.0).contains(&probability));
+    for ns in [&pair.a, &pair.b] {
+        ns.exec(
+            "ethtool",
+            &["-K", "eth0", "tso", "off", "gso", "off", "gro", "off"],
+        );
+    }
+    let ns = &pair.b;
     let rule: Vec<String> = [
         "INPUT",
         "-p",
