@@ -119,6 +119,12 @@ pub struct TracepointOffsets {
 
 crate::assert_size!(TracepointOffsets, 40);
 
+/// Bytes of a `sock_send_length`/`sock_recv_length` record the classic-tracepoint tier copies
+/// (the fields `sk`, `ret`, `flags` end at byte 28 since 6.3; the daemon checks the format).
+/// A power of two: the programs mask offsets with `CLASSIC_IO_RECORD - size`.
+pub const CLASSIC_IO_RECORD: usize = 32;
+pub const CLASSIC_IO_WORDS: usize = CLASSIC_IO_RECORD / 8;
+
 /// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

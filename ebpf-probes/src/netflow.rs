@@ -39,6 +39,7 @@ mod probe {
     use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
     use aya_ebpf::{
+        EbpfContext as _,
         bindings::BPF_NOEXIST,
         helpers::bpf_probe_read_user,
         helpers::{
@@ -51,10 +52,11 @@ mod probe {
         },
     };
     use ebpf_common::netflow::{
-        AF_INET, AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING,
-        ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
-        NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
-        NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
+        AF_INET, AF_INET6, CLASSIC_IO_RECORD, CLASSIC_IO_WORDS, CONN_F_CLOSED, CONN_F_ESTABLISHED,
+        CONN_F_INCOMING, CONN_F_OUTGOING, ClosedConn, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP,
+        IPPROTO_UDP, NETFLOW_STAT_COUNT, NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED,
+        NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES,
+        TracepointOffsets, UdpFlowKey,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -216,26 +218,32 @@ mod probe {
             .map_err(|_| ())
     }
 
+    // `sock_send_length(sk, ret, flags)` and `sock_recv_length(sk, ret, flags)`.
     #[btf_tracepoint(function = "sock_send_length")]
     pub fn netflow_send(ctx: BtfTracePointContext) -> u32 {
-        let sk: *const u8 = ctx.arg(0);
-        let ret: i32 = ctx.arg(1);
-        if ret > 0 {
-            on_io(sk, ret as u64, 0);
-        }
+        on_length(ctx.arg(0), ctx.arg(1), 0, true);
         0
     }
 
     #[btf_tracepoint(function = "sock_recv_length")]
     pub fn netflow_recv(ctx: BtfTracePointContext) -> u32 {
-        let sk: *const u8 = ctx.arg(0);
-        let ret: i32 = ctx.arg(1);
-        let flags: i32 = ctx.arg(2);
-        // A peek leaves the data in the socket: it is counted when really read.
-        if ret > 0 && flags & MSG_PEEK == 0 {
+        on_length(ctx.arg(0), ctx.arg(1), ctx.arg(2), false);
+        0
+    }
+
+    /// An event of the `sock_msg_length` class (tracepoint and classic-tracepoint tiers): `ret`
+    /// is the byte count, or a negative error.
+    #[inline(always)]
+    fn on_length(sk: *const u8, ret: i32, flags: i32, send: bool) {
+        if ret <= 0 {
+            return;
+        }
+        if send {
+            on_io(sk, ret as u64, 0);
+        } else if flags & MSG_PEEK == 0 {
+            // A peek leaves the data in the socket: it is counted when really read.
             on_io(sk, 0, ret as u64);
         }
-        0
     }
 
     #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -452,29 +460,34 @@ mod probe {
     }
 
     /// A send or receive from the `sock_msg_length` event class (`sk`, `ret`, `flags`).
+    ///
+    /// The verifier allows only constant offsets into a tracepoint's context, and these come
+    /// from tracefs at load time; so the record is copied whole with one helper call (three
+    /// field reads cost three) and the fields are read from the copy. The daemon checks that
+    /// each field is naturally aligned and inside CLASSIC_IO_RECORD bytes; the masks restate
+    /// that for the verifier (stack reads must be aligned and in bounds).
     #[inline(always)]
     fn classic_io(ctx: &TracePointContext, sk: u32, ret: u32, flags: u32, send: bool) {
-        // SAFETY: offsets from this tracepoint's format file; reads are bounds-checked.
-        let fields = unsafe {
-            (
-                ctx.read_at::<u64>(sk as usize),
-                ctx.read_at::<i32>(ret as usize),
-                ctx.read_at::<i32>(flags as usize),
-            )
-        };
-        let (Ok(sk), Ok(ret), Ok(flags)) = fields else {
+        // SAFETY: a checked read of the record the context points to.
+        let Ok(record) =
+            (unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const [u64; CLASSIC_IO_WORDS]) })
+        else {
             count(NETFLOW_STAT_READ_FAILED);
             return;
         };
-        if ret <= 0 {
-            return;
-        }
-        if send {
-            on_io(sk as *const u8, ret as u64, 0);
-        } else if flags & MSG_PEEK == 0 {
-            // A peek leaves the data in the socket: it is counted when really read.
-            on_io(sk as *const u8, 0, ret as u64);
-        }
+        let base = record.as_ptr() as *const u8;
+        const LAST_U64: u32 = (CLASSIC_IO_RECORD - 8) as u32;
+        const LAST_I32: u32 = (CLASSIC_IO_RECORD - 4) as u32;
+        // SAFETY: aligned reads inside `record`: masking with 24 (0b11000) or 28 (0b11100)
+        // leaves a multiple of 8 or 4 that the field fits after.
+        let (sk, ret, flags) = unsafe {
+            (
+                *(base.add((sk & LAST_U64) as usize) as *const u64),
+                *(base.add((ret & LAST_I32) as usize) as *const i32),
+                *(base.add((flags & LAST_I32) as usize) as *const i32),
+            )
+        };
+        on_length(sk as *const u8, ret, flags, send);
     }
 
     /// `tcp:tcp_retransmit_skb`, classic tracepoint (kprobe and classic tiers).

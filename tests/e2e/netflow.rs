@@ -51,6 +51,10 @@ fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon
         &format!("netflow: attached at the {tier} tier"),
         Duration::from_secs(60),
     );
+    // Intervals start once every part of ebpf-net is up (dnsflow and httpflow load after
+    // netflow; 20 s and more under emulation): a test that times its steps by intervals
+    // waits for that.
+    daemon.wait_log("ebpf-net: running via", Duration::from_secs(120));
     if tier == "kprobe" {
         // The warm-up's rows come with the first report: wait one interval and a margin.
         let interval = extra
@@ -321,7 +325,8 @@ fn long_lived_connection_reports_deltas_that_add_up() {
         .collect();
     assert!(
         per_interval.len() >= 3,
-        "deltas per interval: {per_interval:?}"
+        "deltas per interval: {per_interval:?}\ndaemon log:\n{}",
+        daemon.log_text()
     );
     assert_eq!(sum(&rows, "bytes_read", client), 60_000);
     assert_eq!(sum(&rows, "tcp_established", client), 1);

@@ -15,10 +15,10 @@ use aya::{
     programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP, NETFLOW_STAT_MAP_FULL,
-    NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL,
-    STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL,
-    UdpFlowKey,
+    CLASSIC_IO_RECORD, CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
+    NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
+    NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets,
+    UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -613,7 +613,6 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Field offsets of the kprobe tier's classic tracepoints, from their tracefs format files.
 /// Field offsets of the classic tracepoints: TCP state and retransmits, and with `io` sends and
 /// receives (classic-tracepoint tier).
 fn classic_tracepoint_offsets(
@@ -642,10 +641,32 @@ fn classic_tracepoint_offsets(
             crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_send_length", &fields)?;
         let recv =
             crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_recv_length", &fields)?;
+        for (event, offsets) in [("sock_send_length", &send), ("sock_recv_length", &recv)] {
+            check_classic_io_layout(event, offsets)?;
+        }
         [offsets.send_sk, offsets.send_ret, offsets.send_flags] = [send[0], send[1], send[2]];
         [offsets.recv_sk, offsets.recv_ret, offsets.recv_flags] = [recv[0], recv[1], recv[2]];
     }
     Ok(offsets)
+}
+
+/// The programs copy the first CLASSIC_IO_RECORD bytes of the record and read `sk` (8 bytes),
+/// `ret` and `flags` (4 each) from the copy at aligned offsets: a layout where that does not
+/// hold (none so far, 6.3 to 7.2) makes the tier unavailable rather than misread.
+fn check_classic_io_layout(event: &str, offsets: &[u32]) -> anyhow::Result<()> {
+    for (field, offset, size) in [
+        ("sk", offsets[0], 8),
+        ("ret", offsets[1], 4),
+        ("flags", offsets[2], 4),
+    ] {
+        if offset % size != 0 || (offset + size) as usize > CLASSIC_IO_RECORD {
+            bail!(
+                "sock:{event}: field `{field}` at offset {offset} is not a {size}-byte aligned \
+                 field within the first {CLASSIC_IO_RECORD} bytes this tier reads"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// An id for a UDP flow among the socket ids: a hash of socket and peer, with the low bit set to
