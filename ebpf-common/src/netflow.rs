@@ -124,6 +124,10 @@ crate::assert_size!(TracepointOffsets, 40);
 /// A power of two: the programs mask offsets with `CLASSIC_IO_RECORD - size`.
 pub const CLASSIC_IO_RECORD: usize = 32;
 pub const CLASSIC_IO_WORDS: usize = CLASSIC_IO_RECORD / 8;
+/// Offsets of `sk`, `ret` and `flags` in those records on every kernel since 6.3 (after the
+/// 8-byte common header: `sk` 8, `family` 16, `protocol` 18, `ret` 20, `flags` 24). Only a
+/// fast path: the programs load at these constant offsets only when tracefs gives the same.
+pub const CLASSIC_IO_LAYOUT: [u32; 3] = [8, 20, 24];
 
 /// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 #[repr(C)]
