@@ -131,7 +131,6 @@ impl Plan {
                 }
             }
         } else {
-            let broken = |what: &str| kernel.known_broken.iter().any(|(w, _)| *w == what);
             step(
                 "tiers",
                 format!(
@@ -154,7 +153,7 @@ impl Plan {
             // At the tier `auto` picks on this kernel.
             let http_tier = kernel.httpflow_tiers[0];
             if let Some(test) = smoke_http_test(&suite.httpflow_tests)
-                .filter(|_| !broken(&format!("httpflow@{http_tier}")))
+                .filter(|_| !known_broken_step(kernel, &format!("httpflow@{http_tier}")))
             {
                 step(
                     "httpflow",
