@@ -13,7 +13,7 @@ use std::{
 };
 
 /// One object per plugin: the `[[bin]]` targets of `ebpf-probes`.
-const OBJECTS: &[&str] = &["bash", "dnsflow", "httpflow", "netflow"];
+const OBJECTS: &[&str] = &["bash", "dnsflow", "httpflow", "netflow", "netflow_perf"];
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

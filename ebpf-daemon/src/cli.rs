@@ -110,6 +110,9 @@ pub struct CliArgs {
     /// netflow attach tier: auto, fentry, tracepoint, classic-tracepoint or kprobe [default: auto, the best the kernel offers]
     #[arg(long, value_name = "TIER")]
     pub netflow_tier: Option<String>,
+    /// How netflow's closed connections reach the daemon: auto, ring-buffer or perf-event-array [default: auto, the ring buffer where the kernel has one (5.8+)]
+    #[arg(long, value_name = "MECHANISM")]
+    pub netflow_closed_events: Option<String>,
     /// Connections netflow tracks at once (kernel map size; about 200 bytes each) [default: 65536]
     #[arg(long, value_name = "N")]
     pub netflow_max_conns: Option<String>,

@@ -191,6 +191,8 @@ pub struct Config {
     pub btf: Option<PathBuf>,
     /// netflow attach tier (`--netflow-tier`); `Auto` picks the best the kernel offers.
     pub netflow_tier: NetflowTier,
+    /// How netflow's closed connections reach the daemon (`--netflow-closed-events`).
+    pub netflow_closed_events: ClosedEvents,
     /// Size of netflow's kernel connection map.
     pub netflow_max_conns: u32,
     /// Report loopback connections in netflow.
@@ -353,6 +355,7 @@ struct Layer {
     bash_paths: Option<Vec<PathBuf>>,
     btf: Option<PathBuf>,
     netflow_tier: Option<NetflowTier>,
+    netflow_closed_events: Option<ClosedEvents>,
     netflow_max_conns: Option<usize>,
     netflow_include_loopback: Option<bool>,
     netflow_udp_unconnected: Option<bool>,
@@ -397,6 +400,7 @@ impl Layer {
             bash_paths: higher.bash_paths.or(self.bash_paths),
             btf: higher.btf.or(self.btf),
             netflow_tier: higher.netflow_tier.or(self.netflow_tier),
+            netflow_closed_events: higher.netflow_closed_events.or(self.netflow_closed_events),
             netflow_max_conns: higher.netflow_max_conns.or(self.netflow_max_conns),
             netflow_include_loopback: higher
                 .netflow_include_loopback
@@ -543,6 +547,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
         host_proc: m.host_proc.unwrap_or_else(|| PathBuf::from("/proc")),
         btf: m.btf,
         netflow_tier: m.netflow_tier.unwrap_or(NetflowTier::Auto),
+        netflow_closed_events: m.netflow_closed_events.unwrap_or(ClosedEvents::Auto),
         netflow_max_conns: m
             .netflow_max_conns
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
@@ -784,6 +789,39 @@ fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
     }
 }
 
+/// How netflow hands closed connections to the daemon (`--netflow-closed-events`,
+/// `DKE_NETFLOW_CLOSED_EVENTS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedEvents {
+    /// The ring buffer where the kernel has one (5.8+), else the perf event array.
+    Auto,
+    /// The BPF ring buffer: one buffer shared by all CPUs, in order.
+    RingBuffer,
+    /// A perf event array: one buffer per CPU (kernels before 5.8).
+    PerfEventArray,
+}
+
+impl ClosedEvents {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::RingBuffer => "ring-buffer",
+            Self::PerfEventArray => "perf-event-array",
+        }
+    }
+}
+
+fn parse_closed_events(s: &str) -> Result<ClosedEvents, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => Ok(ClosedEvents::Auto),
+        "ring-buffer" => Ok(ClosedEvents::RingBuffer),
+        "perf-event-array" => Ok(ClosedEvents::PerfEventArray),
+        other => Err(format!(
+            "unknown closed-events mechanism `{other}`; valid ones are: auto, ring-buffer, perf-event-array"
+        )),
+    }
+}
+
 /// How httpflow captures calls (`--httpflow-tier`, `DKE_HTTPFLOW_TIER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpflowTier {
@@ -1001,6 +1039,10 @@ fn layer_from_cli(
     if let Some(s) = &a.netflow_tier {
         l.netflow_tier = Some(parse_netflow_tier(s).map_err(at("--netflow-tier"))?);
     }
+    if let Some(s) = &a.netflow_closed_events {
+        l.netflow_closed_events =
+            Some(parse_closed_events(s).map_err(at("--netflow-closed-events"))?);
+    }
     if let Some(s) = &a.netflow_max_conns {
         l.netflow_max_conns = Some(
             parse_int(s)
@@ -1108,6 +1150,10 @@ fn layer_from_env(
     }
     if let Some(v) = set("DKE_NETFLOW_TIER") {
         l.netflow_tier = Some(parse_netflow_tier(&v).map_err(at("DKE_NETFLOW_TIER"))?);
+    }
+    if let Some(v) = set("DKE_NETFLOW_CLOSED_EVENTS") {
+        l.netflow_closed_events =
+            Some(parse_closed_events(&v).map_err(at("DKE_NETFLOW_CLOSED_EVENTS"))?);
     }
     if let Some(v) = get("ENV_INPUT_EBPF_ENABLED_PLUGINS") {
         l.enabled =
@@ -1223,6 +1269,7 @@ const FILE_KEYS: &[&str] = &[
     "bash_paths",
     "btf",
     "netflow_tier",
+    "netflow_closed_events",
     "netflow_max_conns",
     "netflow_include_loopback",
     "netflow_udp_unconnected",
@@ -1603,6 +1650,10 @@ fn parse_ebpf_table(
             "netflow_tier" => {
                 l.netflow_tier = Some(parse_netflow_tier(&cx.string(key, v)?).map_err(at)?)
             }
+            "netflow_closed_events" => {
+                l.netflow_closed_events =
+                    Some(parse_closed_events(&cx.string(key, v)?).map_err(at)?)
+            }
             "netflow_max_conns" => {
                 l.netflow_max_conns =
                     Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
@@ -1671,6 +1722,37 @@ mod tests {
 
     fn cfg(args: &[&str]) -> Config {
         cfg_env(args, &[]).unwrap()
+    }
+
+    #[test]
+    fn closed_events_from_flag_env_file_and_default() {
+        assert_eq!(cfg(&["x", "run"]).netflow_closed_events, ClosedEvents::Auto);
+        let c = cfg_env(
+            &["x", "run", "--netflow-closed-events", "Perf-Event-Array"],
+            &[("DKE_NETFLOW_CLOSED_EVENTS", "ring-buffer")],
+        )
+        .unwrap();
+        assert_eq!(c.netflow_closed_events, ClosedEvents::PerfEventArray);
+        let c = cfg_env(
+            &["x", "run"],
+            &[("DKE_NETFLOW_CLOSED_EVENTS", "ring-buffer")],
+        )
+        .unwrap();
+        assert_eq!(c.netflow_closed_events, ClosedEvents::RingBuffer);
+        let c = file_cfg(
+            "closed-events.conf",
+            "[[inputs.ebpf]]\nnetflow_closed_events = \"perf-event-array\"\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.netflow_closed_events, ClosedEvents::PerfEventArray);
+        let err = cfg_env(&["x", "run", "--netflow-closed-events", "perf"], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("valid ones are: auto, ring-buffer, perf-event-array"),
+            "{err}"
+        );
     }
 
     #[test]

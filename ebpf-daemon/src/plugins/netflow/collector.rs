@@ -11,23 +11,25 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLASSIC_IO_RECORD, CLOSED_MAP, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
+    CLASSIC_IO_RECORD, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
     NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
     NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets,
     UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
-use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
-use super::aggregate::{ConnSample, NetflowOptions, Resolver, Tracker};
+use super::{
+    aggregate::{ConnSample, NetflowOptions, Resolver, Tracker},
+    closed::ClosedReader,
+};
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
     clock,
-    config::{Config, NetflowTier},
+    config::{ClosedEvents, Config, NetflowTier},
     kernel::KernelFeatures,
     plugins::PluginContext,
     plugins::dnsflow::domains::DomainCache,
@@ -36,7 +38,10 @@ use crate::{
     sender::{Category, Destination},
 };
 
+/// The programs with the ring buffer for closed connections.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netflow"));
+/// The same programs with a perf event array instead (kernels without a ring buffer).
+static OBJECT_PERF: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netflow_perf"));
 
 pub const DESTINATION: Destination = Destination {
     category: Category::Network,
@@ -45,7 +50,7 @@ pub const DESTINATION: Destination = Destination {
 
 /// True when this binary was built without the eBPF toolchain.
 pub fn object_is_empty() -> bool {
-    OBJECT.is_empty()
+    OBJECT.is_empty() || OBJECT_PERF.is_empty()
 }
 
 /// What the kernel-side counters mean.
@@ -56,7 +61,7 @@ const LOSSES: &[(u32, &str)] = &[
     ),
     (
         NETFLOW_STAT_RINGBUF_FULL,
-        "closed connections deferred: ring buffer full",
+        "closed connections deferred to the next sweep: ring or perf buffer full",
     ),
     (
         NETFLOW_STAT_READ_FAILED,
@@ -223,10 +228,6 @@ fn tier_support(
     features: &KernelFeatures,
     btf: Result<&KernelBtf, &str>,
 ) -> Result<String, String> {
-    // Every tier hands closed connections over through the ring buffer.
-    if !features.ringbuf.available {
-        return Err("needs the BPF ring buffer (5.8+)".into());
-    }
     let missing_tp_btf = |btf: &KernelBtf, wanted: &[(&str, &str)]| -> Vec<String> {
         wanted
             .iter()
@@ -327,7 +328,7 @@ pub struct NetflowCollector {
     ebpf: Ebpf,
     conns: HashMap<MapData, u64, ConnInfo>,
     udp_flows: HashMap<MapData, UdpFlowKey, ConnInfo>,
-    closed: AsyncFd<RingBuf<MapData>>,
+    closed: ClosedReader,
     losses: KernelLosses,
     /// Program runs the kernel skipped (`recursion_misses`): calls not counted.
     misses: Misses,
@@ -341,8 +342,9 @@ impl NetflowCollector {
         kernel_btf: &KernelBtf,
         tracefs: Option<&Path>,
         tier: &TierChoice,
+        closed_events: ClosedEvents,
     ) -> anyhow::Result<Self> {
-        if OBJECT.is_empty() {
+        if object_is_empty() {
             bail!(
                 "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
             );
@@ -373,7 +375,10 @@ impl NetflowCollector {
             )
             .map_max_entries(CONNS_MAP, config.netflow_max_conns)
             .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
-            .load(OBJECT)
+            .load(match closed_events {
+                ClosedEvents::PerfEventArray => OBJECT_PERF,
+                _ => OBJECT,
+            })
             .context("loading the netflow object")?;
         attach_tier(&mut ebpf, tier.tier, btf.as_ref())?;
         // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
@@ -396,17 +401,15 @@ impl NetflowCollector {
             }
         }
         info!(
-            "netflow: attached at the {} tier ({} connections max)",
+            "netflow: attached at the {} tier ({} connections max, closed connections through the {})",
             tier.tier.name(),
-            config.netflow_max_conns
+            config.netflow_max_conns,
+            closed_events.name()
         );
         let conns = HashMap::try_from(ebpf.take_map(CONNS_MAP).context("connection map")?)?;
         let udp_flows = HashMap::try_from(ebpf.take_map(UDP_FLOWS_MAP).context("UDP flow map")?)?;
-        let closed = RingBuf::try_from(ebpf.take_map(CLOSED_MAP).context("closed ring buffer")?)?;
+        let closed = ClosedReader::open(&mut ebpf, closed_events)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
-        let closed = unsafe { AsyncFd::register(closed) }
-            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
         let misses = Misses::each_program("netflow", &ebpf);
         let options = NetflowOptions {
             ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
@@ -440,14 +443,11 @@ impl NetflowCollector {
         tick.tick().await; // the first tick is immediate: the first report is one interval in
         loop {
             tokio::select! {
-                ready = self.closed.readable_mut() => {
-                    let mut guard = ready?;
-                    drain(guard.get_inner_mut(), &mut closed);
-                    guard.clear_ready();
-                }
+                drained = self.closed.wait_and_drain(&mut closed) => drained?,
                 _ = tick.tick() => {
                     self.report(&ctx, &mut closed);
                     self.losses.report();
+                    self.closed.report();
                     self.misses.report(&self.ebpf);
                 }
                 _ = ctx.shutdown.changed() => break,
@@ -456,6 +456,7 @@ impl NetflowCollector {
         // What happened since the last interval is still reported.
         self.report(&ctx, &mut closed);
         self.losses.report();
+        self.closed.report();
         self.misses.report(&self.ebpf);
         Ok(())
     }
@@ -480,10 +481,11 @@ impl NetflowCollector {
             udp_ids.insert(id, key);
             live.push(ConnSample { sock: id, info });
         }
-        // The ring buffer is drained after the map walk, never before: the kernel submits a
+        // Closed records are drained after the map walk, never before: the kernel submits a
         // close record and then deletes the entry, so every connection missing from the walk
-        // has its record in the ring by now, and one closing after the walk was seen live.
-        drain(self.closed.get_mut(), closed);
+        // has its record in the buffer by now, and one closing after the walk was seen live.
+        self.closed.drain(closed);
+        let closed_records = closed.len();
         self.resolver.new_interval();
         let output = self.tracker.interval(
             &live,
@@ -506,7 +508,7 @@ impl NetflowCollector {
             }
         }
         debug!(
-            "netflow: {} live, {} rows, {} tracked, {:?}",
+            "netflow: {} live, {closed_records} closed records, {} rows, {} tracked, {:?}",
             live.len(),
             output.points.len(),
             self.tracker.tracked(),
@@ -676,20 +678,6 @@ fn udp_flow_id(key: &UdpFlowKey) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     key.hash(&mut hasher);
     hasher.finish() | 1
-}
-
-fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<ClosedConn>() {
-            warn!(
-                "netflow: short closed record of {} bytes skipped",
-                item.len()
-            );
-            continue;
-        }
-        // SAFETY: length checked; the record may be unaligned.
-        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
-    }
 }
 
 /// Process names and listening ports from /proc (`HOST_PROC`), cached for one interval.

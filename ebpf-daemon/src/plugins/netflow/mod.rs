@@ -2,6 +2,7 @@
 //! and closed, by process and direction.
 
 pub mod aggregate;
+pub mod closed;
 pub mod collector;
 
 use std::sync::Arc;
@@ -21,10 +22,12 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Result<String, String> 
     }
     let choice = collector::choose_tier(&kernel.features, kernel.btf(), config.netflow_tier)
         .map_err(|why| format!("no usable tier ({why})"))?;
+    let (closed, why) = closed::choose(&kernel.features.ringbuf, config.netflow_closed_events)?;
     Ok(format!(
-        "at the {} tier ({})",
+        "at the {} tier ({}); closed connections through the {} ({why})",
         choice.tier.name(),
-        choice.reason
+        choice.reason,
+        closed.name(),
     ))
 }
 
@@ -39,6 +42,13 @@ pub fn start(
         .map_err(|why| anyhow::anyhow!("kernel BTF: {why}"))?;
     let candidates = collector::tier_candidates(&kernel.features, Ok(btf), config.netflow_tier)
         .map_err(|why| anyhow::anyhow!("no usable tier: {why}"))?;
+    let (closed_events, why) =
+        closed::choose(&kernel.features.ringbuf, config.netflow_closed_events)
+            .map_err(anyhow::Error::msg)?;
+    info!(
+        "netflow: closed connections through the {} ({why})",
+        closed_events.name()
+    );
     let mut failures = Vec::new();
     for choice in candidates {
         info!(
@@ -51,6 +61,7 @@ pub fn start(
             btf,
             kernel.features.tracefs_path.as_deref(),
             &choice,
+            closed_events,
         ) {
             Ok(collector) => return Ok(collector.with_domains(domains)),
             Err(err) => {
