@@ -7,11 +7,14 @@
 use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
-use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
 use ebpf_common::{
     httpflow::{HttpOffsets, IterOffsets},
     netflow::NetOffsets,
 };
+
+mod raw;
+
+use raw::{Btf, Kind};
 
 /// Default location of the kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -53,12 +56,12 @@ impl KernelBtf {
         let tracepoints = TRACEPOINTS
             .iter()
             .copied()
-            .filter(|tp| btf.id_of(&format!("btf_trace_{tp}")).is_some())
+            .filter(|tp| btf.find(&format!("btf_trace_{tp}"), |_| true).is_some())
             .collect();
         let functions = FUNCTIONS
             .iter()
             .copied()
-            .filter(|f| find(&btf, f, |t| matches!(t, TypeVariant::Func(_))).is_some())
+            .filter(|f| btf.find(f, |t| t.kind == Kind::Func).is_some())
             .collect();
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         let http_offsets = http_offsets(&btf).map_err(|err| format!("{err:#}"));
@@ -100,48 +103,14 @@ impl KernelBtf {
     }
 }
 
-/// Reads and parses a BTF file (raw BTF, as /sys/kernel/btf/vmlinux).
-fn parse(path: &Path) -> anyhow::Result<TypeInformation> {
+/// Reads and indexes a BTF file (raw BTF, as /sys/kernel/btf/vmlinux).
+fn parse(path: &Path) -> anyhow::Result<Btf> {
     let data =
         std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
-    TypeInformation::new(&Bytes(data))
-        .map_err(|err| anyhow!("{}", err.message()))
-        .with_context(|| format!("parsing BTF from {}", path.display()))
+    Btf::parse(data).with_context(|| format!("parsing BTF from {}", path.display()))
 }
 
-/// BTF data in memory, as the parser reads it.
-struct Bytes(Vec<u8>);
-
-impl Readable for Bytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let source = start
-            .checked_add(buffer.len())
-            .and_then(|end| self.0.get(start..end))
-            .ok_or_else(|| {
-                btfparse::Error::new(btfparse::ErrorKind::EOF, "read past the end of the BTF")
-            })?;
-        buffer.copy_from_slice(source);
-        Ok(())
-    }
-}
-
-/// The id of the type named `name` that `wanted` accepts. Names are not unique in BTF (a struct
-/// and a function may share one, and forward declarations repeat a struct's name), so the
-/// library's name index, which keeps one id per name, is not enough.
-fn find(btf: &TypeInformation, name: &str, wanted: impl Fn(&TypeVariant) -> bool) -> Option<u32> {
-    if let Some(id) = btf.id_of(name)
-        && btf.from_id(id).is_some_and(|t| wanted(&t))
-    {
-        return Some(id);
-    }
-    btf.get()
-        .iter()
-        .find(|(id, t)| wanted(t) && btf.name_of(**id).as_deref() == Some(name))
-        .map(|(id, _)| *id)
-}
-
-fn net_offsets(btf: &TypeInformation) -> anyhow::Result<NetOffsets> {
+fn net_offsets(btf: &Btf) -> anyhow::Result<NetOffsets> {
     // The sock_common fields are read through a `struct sock *`: go through `__sk_common`.
     let common =
         |field: &str, size: usize| field_offset(btf, "sock", &format!("__sk_common.{field}"), size);
@@ -164,7 +133,7 @@ fn net_offsets(btf: &TypeInformation) -> anyhow::Result<NetOffsets> {
     })
 }
 
-fn http_offsets(btf: &TypeInformation) -> anyhow::Result<HttpOffsets> {
+fn http_offsets(btf: &Btf) -> anyhow::Result<HttpOffsets> {
     let net = net_offsets(btf)?;
     Ok(HttpOffsets {
         task_files: field_offset(btf, "task_struct", "files", 8)?,
@@ -192,16 +161,13 @@ fn http_offsets(btf: &TypeInformation) -> anyhow::Result<HttpOffsets> {
 
 /// `struct iov_iter` as the fentry tier reads it. Only kernels with `u8 iter_type` (5.14+) are
 /// supported: before, `type` mixed the kind with direction bits.
-fn iter_offsets(btf: &TypeInformation) -> anyhow::Result<IterOffsets> {
-    let iter = find(
-        btf,
-        "iov_iter",
-        |t| matches!(t, TypeVariant::Struct(s) if !s.member_list().is_empty()),
-    )
-    .ok_or_else(|| anyhow!("the kernel's BTF has no struct iov_iter"))?;
+fn iter_offsets(btf: &Btf) -> anyhow::Result<IterOffsets> {
+    let iter = btf
+        .find("iov_iter", |t| t.is_complete_struct())
+        .ok_or_else(|| anyhow!("the kernel's BTF has no struct iov_iter"))?;
     let iter_size = btf
         .size_of(iter)
-        .map_err(|err| anyhow!("struct iov_iter: {}", err.message()))?;
+        .map_err(|err| anyhow!("struct iov_iter: {err:#}"))? as usize;
     // 6.4 renamed `iov` to `__iov` (and made ITER_UBUF share its slot).
     let iter_iov = field_offset(btf, "iov_iter", "__iov", 8)
         .or_else(|_| field_offset(btf, "iov_iter", "iov", 8))?;
@@ -227,50 +193,33 @@ fn iter_offsets(btf: &TypeInformation) -> anyhow::Result<IterOffsets> {
 }
 
 /// (name, value) of every member of `enum <name>`.
-fn enum_values(btf: &TypeInformation, name: &str) -> anyhow::Result<Vec<(String, u32)>> {
-    let id = find(btf, name, |t| matches!(t, TypeVariant::Enum(_)))
+fn enum_values(btf: &Btf, name: &str) -> anyhow::Result<Vec<(String, u32)>> {
+    let id = btf
+        .find(name, |t| t.kind == Kind::Enum)
         .ok_or_else(|| anyhow!("the kernel's BTF has no enum {name}"))?;
-    let Some(TypeVariant::Enum(e)) = btf.from_id(id) else {
-        bail!("the kernel's BTF has no enum {name}");
-    };
-    Ok(e.named_value_list()
-        .iter()
-        .map(|v| {
-            let value = match v.value {
-                btfparse::Integer32Value::Signed(v) => v as u32,
-                btfparse::Integer32Value::Unsigned(v) => v,
-            };
-            (v.name.clone(), value)
-        })
-        .collect())
+    btf.enum_values(id)
 }
 
 /// Byte offset of `path` (dotted member names; anonymous structs and unions are looked into)
 /// inside `struct <name>`, checking that the field is `size` bytes and not a bitfield.
-fn field_offset(btf: &TypeInformation, name: &str, path: &str, size: usize) -> anyhow::Result<u32> {
+fn field_offset(btf: &Btf, name: &str, path: &str, size: usize) -> anyhow::Result<u32> {
     let what = format!("struct {name}.{path}");
-    let id = find(
-        btf,
-        name,
-        |t| matches!(t, TypeVariant::Struct(s) if !s.member_list().is_empty()),
-    )
-    .ok_or_else(|| anyhow!("the kernel's BTF has no struct {name}"))?;
-    let (field_type, offset) = btf
+    let id = btf
+        .find(name, |t| t.is_complete_struct())
+        .ok_or_else(|| anyhow!("the kernel's BTF has no struct {name}"))?;
+    let field = btf
         .offset_of(id, path)
-        .map_err(|err| anyhow!("{what}: {}", err.message()))?;
-    let offset = match offset {
-        Offset::ByteOffset(offset) => offset,
-        Offset::BitOffsetAndSize(..) => {
-            bail!("{what} is a bitfield on this kernel; it cannot be read as a plain field")
-        }
-    };
+        .map_err(|err| anyhow!("{what}: {err:#}"))?;
+    if field.bitfield_bits != 0 || field.bit_offset % 8 != 0 {
+        bail!("{what} is a bitfield on this kernel; it cannot be read as a plain field");
+    }
     let actual = btf
-        .size_of(field_type)
-        .map_err(|err| anyhow!("{what}: {}", err.message()))?;
-    if actual != size {
+        .size_of(field.type_id)
+        .map_err(|err| anyhow!("{what}: {err:#}"))?;
+    if actual as usize != size {
         bail!("{what} is {actual} bytes on this kernel, expected {size}");
     }
-    Ok(offset)
+    Ok(field.bit_offset / 8)
 }
 
 #[cfg(test)]
@@ -279,7 +228,7 @@ mod tests {
 
     use super::*;
 
-    fn kernel_btf() -> Option<TypeInformation> {
+    fn kernel_btf() -> Option<Btf> {
         if !Path::new(VMLINUX_BTF).exists() {
             assert_ne!(
                 std::env::var("CI").as_deref(),
@@ -339,7 +288,7 @@ mod tests {
             ("socket", "sk", offsets.socket_sk),
         ];
         let http = http_offsets(&btf).expect("http offsets");
-        let fields: Vec<(&str, &str, u32)> = fields
+        let mut fields: Vec<(&str, &str, u32)> = fields
             .into_iter()
             .chain([
                 ("task_struct", "files", http.task_files),
@@ -352,6 +301,23 @@ mod tests {
                 ("socket", "sk", http.socket_sk),
             ])
             .collect();
+        // httpflow's fentry tier (5.14+ layouts; `iov` became `__iov` in 6.4).
+        if let Ok(iter) = iter_offsets(&btf) {
+            let iov = if field_offset(&btf, "iov_iter", "__iov", 8).is_ok() {
+                "__iov"
+            } else {
+                "iov"
+            };
+            fields.extend([
+                ("msghdr", "msg_iter", iter.msghdr_msg_iter),
+                ("iov_iter", "iter_type", iter.iter_type),
+                ("iov_iter", "iov_offset", iter.iter_iov_offset),
+                ("iov_iter", iov, iter.iter_iov),
+            ]);
+            if iter.type_ubuf != u32::MAX {
+                fields.push(("iov_iter", "ubuf", iter.iter_ubuf));
+            }
+        }
         let mut program = String::from(
             "#include \"vmlinux.h\"\nint printf(const char *, ...);\nint main(void) {\n",
         );
@@ -410,7 +376,7 @@ mod tests {
         let err = field_offset(&btf, "sock", "__sk_common.no_such_field", 4).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "struct sock.__sk_common.no_such_field: Member 'no_such_field' not found"
+            "struct sock.__sk_common.no_such_field: no member `no_such_field`"
         );
         let err = field_offset(&btf, "sock", "sk_protocol", 4).unwrap_err();
         assert_eq!(

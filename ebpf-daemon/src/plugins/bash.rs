@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{UProbe, uprobe::UProbeScope},
 };
@@ -109,7 +109,12 @@ impl BashCollector {
                 "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
             );
         }
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the ebpf-bash object")?;
+        // No kernel BTF: these programs have no CO-RE relocations (Rust emits none), and parsing
+        // it would cost tens of MB at start for nothing.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .context("loading the ebpf-bash object")?;
         let program: &mut UProbe = ebpf
             .program_mut(BASH_PROGRAM)
             .context("program missing from the object")?

@@ -18,7 +18,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
     programs::SocketFilter,
 };
@@ -252,7 +252,11 @@ impl DnsflowCollector {
                 "this binary was built without eBPF programs (run `cargo xtask bootstrap` and rebuild)"
             );
         }
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the dnsflow object")?;
+        // No kernel BTF: a socket filter needs none (see the bash plugin).
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .context("loading the dnsflow object")?;
         let filter: &mut SocketFilter = ebpf
             .program_mut(DNSFLOW_PROGRAM)
             .context("program dnsflow missing from the object")?

@@ -194,7 +194,10 @@ impl HttpflowCollector {
         };
         debug!("httpflow: iov_iter offsets {iter_offsets:?}");
         let own_pid = std::process::id();
+        // No kernel BTF for the loader: the programs have no CO-RE relocations; the fentry tier
+        // parses it for its attach points only.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .override_global(ITER_OFFSETS_GLOBAL, &iter_offsets, true)
             .override_global(OWN_PID_GLOBAL, &own_pid, true)
