@@ -69,7 +69,13 @@ fn main() -> ExitCode {
     for warning in &config.warnings {
         warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // One worker thread runs the plugins' tasks while the main thread loads the next plugin:
+    // loading is synchronous (and takes tens of seconds on slow machines), and on a
+    // current-thread runtime no plugin would drain its buffers or start its interval until the
+    // last one had loaded.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("datakit-ebpf-worker")
         .enable_all()
         .build()
     {
