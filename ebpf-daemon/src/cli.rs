@@ -122,6 +122,9 @@ pub struct CliArgs {
     /// Report loopback connections in netflow (left out by default, as the reference does)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_include_loopback: Option<bool>,
+    /// Turn ebpf-net's dnsflow off: no DNS capture (its packet tap costs every packet a look), and no dst_domain on netflow rows
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub dnsflow_disabled: Option<bool>,
     /// dnsflow: a query unanswered this long is reported once with rcode=-1 [default: 6s]
     #[arg(long, value_name = "DURATION")]
     pub dnsflow_timeout: Option<String>,

@@ -197,6 +197,8 @@ pub struct Config {
     pub netflow_max_conns: u32,
     /// Report loopback connections in netflow.
     pub netflow_include_loopback: bool,
+    /// ebpf-net runs without dnsflow (`--dnsflow-disabled`).
+    pub dnsflow_disabled: bool,
     /// httpflow: replace numeric and UUID-like path segments with `:id`.
     pub httpflow_path_normalize: bool,
     /// httpflow capture tier (`--httpflow-tier`); `Auto` is fentry where trampolines work.
@@ -358,6 +360,7 @@ struct Layer {
     netflow_closed_events: Option<ClosedEvents>,
     netflow_max_conns: Option<usize>,
     netflow_include_loopback: Option<bool>,
+    dnsflow_disabled: Option<bool>,
     netflow_udp_unconnected: Option<bool>,
     dnsflow_timeout: Option<Duration>,
     dnsflow_interval: Option<Duration>,
@@ -405,6 +408,7 @@ impl Layer {
             netflow_include_loopback: higher
                 .netflow_include_loopback
                 .or(self.netflow_include_loopback),
+            dnsflow_disabled: higher.dnsflow_disabled.or(self.dnsflow_disabled),
             httpflow_path_normalize: higher
                 .httpflow_path_normalize
                 .or(self.httpflow_path_normalize),
@@ -552,6 +556,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .netflow_max_conns
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
+        dnsflow_disabled: m.dnsflow_disabled.unwrap_or(false),
         httpflow_path_normalize: m.httpflow_path_normalize.unwrap_or(false),
         httpflow_tier: m.httpflow_tier.unwrap_or(HttpflowTier::Auto),
         netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
@@ -1051,6 +1056,7 @@ fn layer_from_cli(
         );
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
+    l.dnsflow_disabled = a.dnsflow_disabled;
     l.httpflow_path_normalize = a.httpflow_path_normalize;
     if let Some(s) = &a.httpflow_tier {
         l.httpflow_tier = Some(parse_httpflow_tier(s).map_err(at("--httpflow-tier"))?);
@@ -1272,6 +1278,7 @@ const FILE_KEYS: &[&str] = &[
     "netflow_closed_events",
     "netflow_max_conns",
     "netflow_include_loopback",
+    "dnsflow_disabled",
     "netflow_udp_unconnected",
     "dnsflow_timeout",
     "dnsflow_interval",
@@ -1659,6 +1666,7 @@ fn parse_ebpf_table(
                     Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
+            "dnsflow_disabled" => l.dnsflow_disabled = Some(cx.boolean(key, v)?),
             "httpflow_path_normalize" => l.httpflow_path_normalize = Some(cx.boolean(key, v)?),
             "httpflow_tier" => {
                 l.httpflow_tier = Some(parse_httpflow_tier(&cx.string(key, v)?).map_err(at)?)
@@ -1722,6 +1730,21 @@ mod tests {
 
     fn cfg(args: &[&str]) -> Config {
         cfg_env(args, &[]).unwrap()
+    }
+
+    #[test]
+    fn dnsflow_disabled_from_flag_file_and_default() {
+        assert!(!cfg(&["x", "run"]).dnsflow_disabled);
+        assert!(cfg(&["x", "run", "--dnsflow-disabled"]).dnsflow_disabled);
+        assert!(!cfg(&["x", "run", "--dnsflow-disabled=false"]).dnsflow_disabled);
+        let c = file_cfg(
+            "dnsflow-off.conf",
+            "[[inputs.ebpf]]\ndnsflow_disabled = true\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(c.dnsflow_disabled);
     }
 
     #[test]

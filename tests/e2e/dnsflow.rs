@@ -332,9 +332,15 @@ fn netflow_tier() -> String {
 }
 
 fn start_daemon(dir: &Path, datakit: &FakeDataKit) -> Daemon {
+    let mut daemon = spawn_daemon(dir, datakit, &[]);
+    daemon.wait_log("dnsflow: capturing DNS", Duration::from_secs(30));
+    daemon
+}
+
+fn spawn_daemon(dir: &Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon {
     let apiserver = datakit.addr().to_string();
     let tier = netflow_tier();
-    let args = [
+    let mut args = vec![
         "run",
         "--datakit-apiserver",
         &apiserver,
@@ -355,9 +361,8 @@ fn start_daemon(dir: &Path, datakit: &FakeDataKit) -> Daemon {
         "--log-level",
         "debug",
     ];
-    let mut daemon = Daemon::start(dir, &args);
-    daemon.wait_log("dnsflow: capturing DNS", Duration::from_secs(30));
-    daemon
+    args.extend_from_slice(extra);
+    Daemon::start(dir, &args)
 }
 
 fn dnsflow(points: &[Point]) -> Vec<&Point> {
@@ -525,6 +530,47 @@ fn udp_a_and_aaaa_to_ipv4_and_ipv6_servers() {
     for row in rows_of(&points, r6, n6, "udp", 0) {
         check_outgoing_tags(row, r6, n6);
     }
+    assert!(daemon.terminate().success());
+}
+
+/// `--dnsflow-disabled`: ebpf-net runs netflow alone; queries leave no dnsflow row (and the
+/// daemon opens no packet socket), while netflow still counts the query's datagrams.
+#[test]
+fn disabled_dnsflow_captures_nothing_and_netflow_runs() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("dns-off");
+    let lab = DnsLab::new(&dir, ServerSide::Namespace);
+    let datakit = FakeDataKit::start();
+    let mut daemon = spawn_daemon(&dir, &datakit, &["--dnsflow-disabled"]);
+    daemon.wait_log("ebpf-net: running via", Duration::from_secs(120));
+    let at4 = format!("@{}", lab.ns_v4);
+    assert_eq!(
+        lab.dig(&[&at4, "www.dns.test", "A", "+short"]).trim(),
+        "10.99.0.1"
+    );
+    let (r4, n4) = (lab.root_v4.to_string(), lab.ns_v4.to_string());
+    let netflow_row = |p: &Point| {
+        p.measurement == "netflow"
+            && p.tag("src_ip") == Some(r4.as_str())
+            && p.tag("dst_ip") == Some(n4.as_str())
+            && p.tag("dst_port") == Some("53")
+    };
+    let points = datakit.wait_for(Duration::from_secs(20), |pts| pts.iter().any(netflow_row));
+    let row = points
+        .iter()
+        .find(|p| netflow_row(p))
+        .expect("netflow row of the query");
+    assert_eq!(row.tag("transport"), Some("udp"));
+    assert!(row.int("bytes_written").unwrap_or(0) > 0);
+    assert_eq!(row.tag("dst_domain"), None, "no dnsflow, no names");
+    thread::sleep(SETTLE);
+    assert!(dnsflow(&datakit.points()).is_empty());
+    let log = daemon.log_text();
+    assert!(log.contains("dnsflow: off (--dnsflow-disabled)"), "{log}");
+    assert!(!log.contains("capturing DNS"), "{log}");
     assert!(daemon.terminate().success());
 }
 

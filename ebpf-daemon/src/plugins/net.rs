@@ -13,10 +13,10 @@ use crate::config::{Config, L7Protocol};
 
 /// What each part of ebpf-net would run on this kernel, or why it cannot.
 pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
-    let mut parts = vec![
-        ("netflow", netflow::availability(kernel, config)),
-        ("dnsflow", dnsflow::availability()),
-    ];
+    let mut parts = vec![("netflow", netflow::availability(kernel, config))];
+    if !config.dnsflow_disabled {
+        parts.push(("dnsflow", dnsflow::availability()));
+    }
     if config.l7net.contains(&L7Protocol::HttpFlow) {
         let http = httpflow::availability(
             kernel,
@@ -40,12 +40,16 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Availability {
             Err(why) => not_running.push(format!("{name}: {why}")),
         }
     }
+    let can_run = !running.is_empty();
+    if config.dnsflow_disabled {
+        running.push("dnsflow off (--dnsflow-disabled)".into());
+    }
     Availability {
-        can_run: !running.is_empty(),
-        mechanism: if running.is_empty() {
-            "-".into()
-        } else {
+        can_run,
+        mechanism: if can_run {
             running.join("; ")
+        } else {
+            "-".into()
         },
         reason: not_running.join("; "),
     }
@@ -70,14 +74,19 @@ pub fn start(
         }
         Err(err) => failures.push(format!("netflow: {err:#}")),
     }
-    match dnsflow::DnsflowCollector::load(config, domains) {
-        Ok(collector) => {
-            info!("dnsflow: capturing DNS through a socket filter");
-            tasks.spawn(collector.run(ctx.clone()));
+    let mut parts = 1;
+    if config.dnsflow_disabled {
+        info!("dnsflow: off (--dnsflow-disabled)");
+    } else {
+        parts += 1;
+        match dnsflow::DnsflowCollector::load(config, domains) {
+            Ok(collector) => {
+                info!("dnsflow: capturing DNS through a socket filter");
+                tasks.spawn(collector.run(ctx.clone()));
+            }
+            Err(err) => failures.push(format!("dnsflow: {err:#}")),
         }
-        Err(err) => failures.push(format!("dnsflow: {err:#}")),
     }
-    let mut parts = 2;
     if config.l7net.contains(&L7Protocol::HttpFlow) {
         parts += 1;
         let tls = config.l7net.contains(&L7Protocol::HttpFlowTls);
