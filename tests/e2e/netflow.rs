@@ -93,6 +93,23 @@ fn wait_kprobes_live(datakit: &FakeDataKit, daemon: &Daemon, report_wait: Durati
     );
 }
 
+/// Calls the daemon reported its programs never saw: the total of netflow's last "calls
+/// missed" warning (runs the kernel skipped, `recursion_misses`). 0 where the kernel runs BPF
+/// programs without preemption, as on the CI host.
+fn reported_misses(log: &str) -> i64 {
+    log.lines()
+        .filter(|line| line.contains("netflow: ") && line.contains("calls missed"))
+        .filter_map(|line| {
+            line.rsplit("(total ")
+                .next()?
+                .strip_suffix(')')?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn netflow(points: &[Point]) -> Vec<&Point> {
     points
         .iter()
@@ -308,13 +325,53 @@ fn thousand_short_connections(name: &str, extra: &[&str]) -> String {
     let rows = netflow(&rows_owned);
     let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
     let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming", server_ns);
-    assert_eq!(sum(&rows, "tcp_established", client), 1000, "{rows:#?}");
-    assert_eq!(sum(&rows, "tcp_closed", client), 1000);
-    assert_eq!(sum(&rows, "bytes_written", client), 100_000);
-    assert_eq!(sum(&rows, "bytes_read", client), 200_000);
-    assert_eq!(sum(&rows, "tcp_established", server), 1000);
-    assert_eq!(sum(&rows, "tcp_closed", server), 1000);
-    assert_eq!(sum(&rows, "bytes_read", server), 100_000);
+    // Exact, unless the daemon reported calls the kernel kept from its programs (fentry and
+    // tracepoint tiers on kernels that preempt BPF programs, such as 7.2): then every missing
+    // count must be one of those. A skipped run costs at most one connection's count (a lost
+    // state change) or 200 bytes (one call, or a connection's whole side moved to another row).
+    let missed = reported_misses(&daemon.log_text());
+    let counted = |what: &str, got: i64, want: i64, per_miss: i64| {
+        if missed == 0 {
+            assert_eq!(got, want, "{what}; rows: {rows:#?}");
+        } else {
+            assert!(
+                got <= want && got >= want - missed * per_miss,
+                "{what}: {got} of {want}, with {missed} calls reported missed"
+            );
+        }
+    };
+    counted(
+        "client established",
+        sum(&rows, "tcp_established", client),
+        1000,
+        1,
+    );
+    counted("client closed", sum(&rows, "tcp_closed", client), 1000, 1);
+    counted(
+        "client bytes written",
+        sum(&rows, "bytes_written", client),
+        100_000,
+        200,
+    );
+    counted(
+        "client bytes read",
+        sum(&rows, "bytes_read", client),
+        200_000,
+        200,
+    );
+    counted(
+        "server established",
+        sum(&rows, "tcp_established", server),
+        1000,
+        1,
+    );
+    counted("server closed", sum(&rows, "tcp_closed", server), 1000, 1);
+    counted(
+        "server bytes read",
+        sum(&rows, "bytes_read", server),
+        100_000,
+        200,
+    );
     // Client ports fold: one client row per interval (a slow machine may span several).
     let mut stamps: Vec<i64> = rows
         .iter()
