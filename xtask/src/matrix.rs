@@ -24,8 +24,8 @@ const PARALLEL: usize = 2;
 /// What the guests run.
 pub enum Plan {
     /// `cargo xtask test`: per kernel, every program of every plugin loaded and attached (netflow
-    /// at each of the kernel's tiers, by the parity test), one exact-bytes netflow check (the
-    /// same test), one bash line, one DNS query, one HTTP request (once httpflow exists).
+    /// at each of the kernel's tiers, by the parity test, and its perf-event-array object), one
+    /// exact-bytes netflow check (the same test), one bash line, one DNS query, one HTTP request.
     Smoke(Suite),
     /// `cargo xtask vm-test`: every suite, netflow's at each tier.
     Full(Suite),
@@ -137,6 +137,15 @@ impl Plan {
                     "DKE_TEST_EXPECT_TIERS={tiers} DKE_TEST_SKIP_TIERS={skip} DKE_TEST_AUTO_TIER={} {} --exact same_rows_at_every_tier_tcp_and_connected_udp auto_picks_a_tier_that_loses_nothing_here",
                     kernel.tiers[0],
                     bin("tiers")?
+                ),
+            );
+            // The netflow_perf object (closed connections through a perf event array), at the
+            // kernel's first tier.
+            step(
+                "netflow-perf",
+                format!(
+                    "{first_tier} {} --exact thousand_short_connections_through_the_perf_event_array",
+                    bin("netflow")?
                 ),
             );
             step(
