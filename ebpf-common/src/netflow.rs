@@ -107,26 +107,15 @@ pub struct TracepointOffsets {
     pub state_newstate: u32,
     /// `tcp:tcp_retransmit_skb`: `skaddr`
     pub retransmit_skaddr: u32,
-    /// `sock:sock_send_length`: `sk`, `ret`, `flags` (classic tier)
-    pub send_sk: u32,
-    pub send_ret: u32,
-    pub send_flags: u32,
-    /// `sock:sock_recv_length`: `sk`, `ret`, `flags` (classic tier)
-    pub recv_sk: u32,
-    pub recv_ret: u32,
-    pub recv_flags: u32,
 }
 
-crate::assert_size!(TracepointOffsets, 40);
+crate::assert_size!(TracepointOffsets, 16);
 
-/// Bytes of a `sock_send_length`/`sock_recv_length` record the classic-tracepoint tier copies
-/// (the fields `sk`, `ret`, `flags` end at byte 28 since 6.3; the daemon checks the format).
-/// A power of two: the programs mask offsets with `CLASSIC_IO_RECORD - size`.
-pub const CLASSIC_IO_RECORD: usize = 32;
-pub const CLASSIC_IO_WORDS: usize = CLASSIC_IO_RECORD / 8;
-/// Offsets of `sk`, `ret` and `flags` in those records on every kernel since 6.3 (after the
-/// 8-byte common header: `sk` 8, `family` 16, `protocol` 18, `ret` 20, `flags` 24). Only a
-/// fast path: the programs load at these constant offsets only when tracefs gives the same.
+/// Offsets of `sk`, `ret` and `flags` in the records of `sock:sock_send_length` and
+/// `sock:sock_recv_length` on every kernel since they exist (6.3; after the 8-byte common
+/// header: `sk` 8, `family` 16, `protocol` 18, `ret` 20, `flags` 24). The classic-tracepoint
+/// tier loads them at these constant offsets (the verifier allows only constant offsets into a
+/// tracepoint's record), and the daemon offers the tier only when tracefs gives this layout.
 pub const CLASSIC_IO_LAYOUT: [u32; 3] = [8, 20, 24];
 
 /// One tracked connection. Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).

@@ -48,11 +48,10 @@ use aya_ebpf::{
     },
 };
 use ebpf_common::netflow::{
-    AF_INET, AF_INET6, CLASSIC_IO_LAYOUT, CLASSIC_IO_RECORD, CLASSIC_IO_WORDS, CONN_F_CLOSED,
-    CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP,
-    IPPROTO_UDP, NETFLOW_STAT_COUNT, NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED,
-    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES,
-    TracepointOffsets, UdpFlowKey,
+    AF_INET, AF_INET6, CLASSIC_IO_LAYOUT, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING,
+    CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
+    NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
+    NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
 };
 
 /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -82,12 +81,6 @@ static NET_TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     state_oldstate: 0,
     state_newstate: 0,
     retransmit_skaddr: 0,
-    send_sk: 0,
-    send_ret: 0,
-    send_flags: 0,
-    recv_sk: 0,
-    recv_ret: 0,
-    recv_flags: 0,
 };
 
 /// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
@@ -441,63 +434,31 @@ pub fn netflow_tp_state(ctx: TracePointContext) -> u32 {
 /// `sock:sock_send_length` and `sock:sock_recv_length`, classic tracepoints (classic tier).
 #[tracepoint]
 pub fn netflow_tp_send(ctx: TracePointContext) -> u32 {
-    // SAFETY: as in netflow_tp_state.
-    let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
-    classic_io(&ctx, off.send_sk, off.send_ret, off.send_flags, true);
+    classic_io(&ctx, true);
     0
 }
 
 #[tracepoint]
 pub fn netflow_tp_recv(ctx: TracePointContext) -> u32 {
-    // SAFETY: as in netflow_tp_state.
-    let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
-    classic_io(&ctx, off.recv_sk, off.recv_ret, off.recv_flags, false);
+    classic_io(&ctx, false);
     0
 }
 
-/// A send or receive from the `sock_msg_length` event class (`sk`, `ret`, `flags`).
-///
-/// The verifier allows only constant offsets into a tracepoint's context, and these come
-/// from tracefs at load time. When tracefs gives the layout every kernel since 6.3 has
-/// (CLASSIC_IO_LAYOUT), the fields are loaded straight from the context at those constant
-/// offsets (cheapest: no helper call). Any other layout is read from a copy of the record
-/// made with one helper call, at the offsets tracefs gave; the daemon checks that they are
-/// aligned and inside CLASSIC_IO_RECORD bytes, and the masks restate that for the verifier
-/// (stack reads must be aligned and in bounds).
+/// A send or receive from the `sock_msg_length` event class (`sk`, `ret`, `flags`), loaded from
+/// the record at the constant offsets of CLASSIC_IO_LAYOUT: the daemon attaches this tier only
+/// when tracefs gives that layout.
 #[inline(always)]
-fn classic_io(ctx: &TracePointContext, sk: u32, ret: u32, flags: u32, send: bool) {
-    let [fixed_sk, fixed_ret, fixed_flags] = CLASSIC_IO_LAYOUT;
-    let (sk, ret, flags) = if [sk, ret, flags] == CLASSIC_IO_LAYOUT {
-        let base = ctx.as_ptr() as *const u8;
-        // SAFETY: constant, aligned offsets inside the record (tracefs says so); the
-        // verifier checks context loads against the tracepoint's record size.
-        unsafe {
-            (
-                *(base.add(fixed_sk as usize) as *const u64),
-                *(base.add(fixed_ret as usize) as *const i32),
-                *(base.add(fixed_flags as usize) as *const i32),
-            )
-        }
-    } else {
-        // SAFETY: a checked read of the record the context points to.
-        let Ok(record) =
-            (unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const [u64; CLASSIC_IO_WORDS]) })
-        else {
-            count(NETFLOW_STAT_READ_FAILED);
-            return;
-        };
-        let base = record.as_ptr() as *const u8;
-        const LAST_U64: u32 = (CLASSIC_IO_RECORD - 8) as u32;
-        const LAST_I32: u32 = (CLASSIC_IO_RECORD - 4) as u32;
-        // SAFETY: aligned reads inside `record`: masking with 24 (0b11000) or 28 (0b11100)
-        // leaves a multiple of 8 or 4 that the field fits after.
-        unsafe {
-            (
-                *(base.add((sk & LAST_U64) as usize) as *const u64),
-                *(base.add((ret & LAST_I32) as usize) as *const i32),
-                *(base.add((flags & LAST_I32) as usize) as *const i32),
-            )
-        }
+fn classic_io(ctx: &TracePointContext, send: bool) {
+    let [sk, ret, flags] = CLASSIC_IO_LAYOUT;
+    let base = ctx.as_ptr() as *const u8;
+    // SAFETY: constant, aligned offsets inside the record (tracefs says so); the verifier
+    // checks context loads against the tracepoint's record size.
+    let (sk, ret, flags) = unsafe {
+        (
+            *(base.add(sk as usize) as *const u64),
+            *(base.add(ret as usize) as *const i32),
+            *(base.add(flags as usize) as *const i32),
+        )
     };
     on_length(sk as *const u8, ret, flags, send);
 }

@@ -15,7 +15,7 @@ use aya::{
     programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLASSIC_IO_RECORD, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
+    CLASSIC_IO_LAYOUT, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
     NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
     NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets,
     UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
@@ -280,6 +280,9 @@ fn tier_support(
             wanted.extend(CLASSIC_TCP);
             missing_classic(features, &wanted)
                 .map_err(|why| format!("{why} (sock_send_length/sock_recv_length need 6.3+)"))?;
+            if let Some(tracefs) = &features.tracefs_path {
+                check_classic_io_layout(tracefs).map_err(|err| format!("{err:#}"))?;
+            }
             Ok("tracepoints sock/sock_send_length, sock/sock_recv_length, sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
         }
         NetflowTier::Tracepoint => {
@@ -360,8 +363,12 @@ impl NetflowCollector {
             _ => Some(Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?),
         };
         let tp_offsets = match tier.tier {
-            NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs, false)?,
-            NetflowTier::ClassicTracepoint => classic_tracepoint_offsets(tracefs, true)?,
+            NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs)?,
+            NetflowTier::ClassicTracepoint => {
+                let tracefs = tracefs.context("this tier needs tracefs for its tracepoints")?;
+                check_classic_io_layout(tracefs)?;
+                classic_tracepoint_offsets(Some(tracefs))?
+            }
             _ => TracepointOffsets::default(),
         };
         let mut ebpf = EbpfLoader::new()
@@ -615,12 +622,9 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Field offsets of the classic tracepoints: TCP state and retransmits, and with `io` sends and
-/// receives (classic-tracepoint tier).
-fn classic_tracepoint_offsets(
-    tracefs: Option<&Path>,
-    io: bool,
-) -> anyhow::Result<TracepointOffsets> {
+/// Field offsets of the classic tracepoints of TCP state changes and retransmits (kprobe and
+/// classic-tracepoint tiers).
+fn classic_tracepoint_offsets(tracefs: Option<&Path>) -> anyhow::Result<TracepointOffsets> {
     let tracefs = tracefs.context("this tier needs tracefs for its tracepoints")?;
     let state = crate::kernel::tracepoint_field_offsets(
         tracefs,
@@ -630,41 +634,30 @@ fn classic_tracepoint_offsets(
     )?;
     let retransmit =
         crate::kernel::tracepoint_field_offsets(tracefs, "tcp", "tcp_retransmit_skb", &["skaddr"])?;
-    let mut offsets = TracepointOffsets {
+    Ok(TracepointOffsets {
         state_skaddr: state[0],
         state_oldstate: state[1],
         state_newstate: state[2],
         retransmit_skaddr: retransmit[0],
-        ..TracepointOffsets::default()
-    };
-    if io {
-        let fields = ["sk", "ret", "flags"];
-        let send =
-            crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_send_length", &fields)?;
-        let recv =
-            crate::kernel::tracepoint_field_offsets(tracefs, "sock", "sock_recv_length", &fields)?;
-        for (event, offsets) in [("sock_send_length", &send), ("sock_recv_length", &recv)] {
-            check_classic_io_layout(event, offsets)?;
-        }
-        [offsets.send_sk, offsets.send_ret, offsets.send_flags] = [send[0], send[1], send[2]];
-        [offsets.recv_sk, offsets.recv_ret, offsets.recv_flags] = [recv[0], recv[1], recv[2]];
-    }
-    Ok(offsets)
+    })
 }
 
-/// The programs copy the first CLASSIC_IO_RECORD bytes of the record and read `sk` (8 bytes),
-/// `ret` and `flags` (4 each) from the copy at aligned offsets: a layout where that does not
-/// hold (none so far, 6.3 to 7.2) makes the tier unavailable rather than misread.
-fn check_classic_io_layout(event: &str, offsets: &[u32]) -> anyhow::Result<()> {
-    for (field, offset, size) in [
-        ("sk", offsets[0], 8),
-        ("ret", offsets[1], 4),
-        ("flags", offsets[2], 4),
-    ] {
-        if offset % size != 0 || (offset + size) as usize > CLASSIC_IO_RECORD {
+/// The classic-tracepoint tier loads `sk`, `ret` and `flags` of `sock_send_length` and
+/// `sock_recv_length` at the constant offsets every kernel has had since they exist
+/// (CLASSIC_IO_LAYOUT); a kernel whose tracefs says otherwise does not get the tier (auto then
+/// takes the next one) rather than misread records.
+fn check_classic_io_layout(tracefs: &Path) -> anyhow::Result<()> {
+    for event in ["sock_send_length", "sock_recv_length"] {
+        let offsets = crate::kernel::tracepoint_field_offsets(
+            tracefs,
+            "sock",
+            event,
+            &["sk", "ret", "flags"],
+        )?;
+        if offsets != CLASSIC_IO_LAYOUT {
             bail!(
-                "sock:{event}: field `{field}` at offset {offset} is not a {size}-byte aligned \
-                 field within the first {CLASSIC_IO_RECORD} bytes this tier reads"
+                "sock:{event} has sk/ret/flags at offsets {offsets:?}, not the {CLASSIC_IO_LAYOUT:?} \
+                 this tier loads them from"
             );
         }
     }
@@ -788,5 +781,47 @@ impl Resolver for ProcResolver {
             self.listening.insert(key, ports);
         }
         self.listening[&key].contains(&port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tracefs of our own holding `sock_send_length`/`sock_recv_length` format files with `sk`,
+    /// `ret` and `flags` at `offsets`.
+    fn fake_tracefs(name: &str, offsets: [u32; 3]) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("dke-tracefs-{name}-{}", std::process::id()));
+        for event in ["sock_send_length", "sock_recv_length"] {
+            let dir = root.join("events/sock").join(event);
+            std::fs::create_dir_all(&dir).unwrap();
+            let [sk, ret, flags] = offsets;
+            std::fs::write(
+                dir.join("format"),
+                format!(
+                    "name: {event}\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+                     \tfield:void * sk;\toffset:{sk};\tsize:8;\tsigned:0;\n\
+                     \tfield:int ret;\toffset:{ret};\tsize:4;\tsigned:1;\n\
+                     \tfield:int flags;\toffset:{flags};\tsize:4;\tsigned:1;\n"
+                ),
+            )
+            .unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn classic_tier_needs_the_layout_its_programs_load() {
+        let good = fake_tracefs("good", CLASSIC_IO_LAYOUT);
+        assert!(check_classic_io_layout(&good).is_ok());
+        let moved = fake_tracefs("moved", [8, 24, 28]);
+        let err = check_classic_io_layout(&moved).unwrap_err().to_string();
+        assert!(
+            err.contains("sock:sock_send_length has sk/ret/flags at offsets [8, 24, 28]"),
+            "{err}"
+        );
+        for dir in [good, moved] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }
