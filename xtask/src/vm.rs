@@ -91,7 +91,7 @@ pub const KERNELS: &[Kernel] = &[
         known_broken: &[
             (
                 "fentry",
-                "with lazy preemption the kernel skips a tp_btf/fexit program while a run of it is preempted (up to about 1.5 % of state changes and bytes in bursts of short connections, reported by the daemon as missed calls): its own suite bounds the loss by those reports, but the parity test needs exact rows and leaves it out; auto does not pick it here (README, netflow tiers)",
+                "with lazy preemption the kernel skips a tp_btf/fexit program while a run of it is preempted (1.5 % to 10 % of the state changes of a burst of short connections under emulation, reported by the daemon as missed calls): its own suite bounds the loss by those reports, but the parity test needs exact rows and leaves it out; auto does not pick it here (README, netflow tiers)",
             ),
             (
                 "tracepoint",

@@ -66,8 +66,9 @@ impl Kind {
         })
     }
 
-    /// Bytes that follow the fixed record, for `vlen` entries.
-    fn extra_len(self, vlen: usize) -> usize {
+    /// Bytes that follow the fixed record of `info`'s kind and entry count.
+    fn extra_len(self, info: u32) -> usize {
+        let vlen = vlen(info);
         match self {
             Kind::Int | Kind::Var | Kind::DeclTag => 4,
             Kind::Array => 12,
@@ -90,31 +91,23 @@ pub struct Type<'a> {
     extra: &'a [u8],
 }
 
-impl Type<'_> {
-    fn vlen(&self) -> usize {
-        (self.info & 0xffff) as usize
-    }
+/// Entries that follow a record (`vlen`, the low 16 bits of `info`).
+fn vlen(info: u32) -> usize {
+    (info & 0xffff) as usize
+}
 
+impl Type<'_> {
     fn kind_flag(&self) -> bool {
         self.info >> 31 == 1
     }
 
     /// A struct or union with members (not a forward declaration's empty shell).
     pub fn is_complete_struct(&self) -> bool {
-        matches!(self.kind, Kind::Struct | Kind::Union) && self.vlen() > 0
+        matches!(self.kind, Kind::Struct | Kind::Union) && vlen(self.info) > 0
     }
 }
 
-/// A struct or union member: its name, type, and bit offset (and width, for a bitfield).
-#[derive(Debug, Clone, Copy)]
-struct Member<'a> {
-    name: &'a str,
-    type_id: u32,
-    bit_offset: u32,
-    bitfield_bits: u32,
-}
-
-/// Where a member path ends: its type and bit offset, and its width if a bitfield.
+/// Where a member (or a member path) is: its type and bit offset, and its width if a bitfield.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Located {
     pub type_id: u32,
@@ -166,7 +159,7 @@ impl Btf {
             let kind = Kind::from_info(info)
                 .ok_or_else(|| anyhow!("unknown BTF kind {} at byte {at}", (info >> 24) & 0x1f))?;
             index.push(at as u32);
-            at += RECORD + kind.extra_len((info & 0xffff) as usize);
+            at += RECORD + kind.extra_len(info);
         }
         ensure!(
             at == types.end,
@@ -185,8 +178,7 @@ impl Btf {
         let at = *self.index.get((id as usize).checked_sub(1)?)? as usize;
         let info = read_u32(&self.data, at + 4)?;
         let kind = Kind::from_info(info)?;
-        let extra_end =
-            (at + RECORD + kind.extra_len((info & 0xffff) as usize)).min(self.types.end);
+        let extra_end = (at + RECORD + kind.extra_len(info)).min(self.types.end);
         Some(Type {
             kind,
             name_off: read_u32(&self.data, at)?,
@@ -262,7 +254,8 @@ impl Btf {
         }
     }
 
-    fn members<'a>(&'a self, ty: &Type<'a>) -> impl Iterator<Item = Member<'a>> + 'a {
+    /// (name, place) of each member of a struct or union.
+    fn members<'a>(&'a self, ty: &Type<'a>) -> impl Iterator<Item = (&'a str, Located)> + 'a {
         let bitfields = ty.kind_flag();
         ty.extra.chunks_exact(12).map(move |entry| {
             let offset = read_u32(entry, 8).unwrap_or(0);
@@ -271,12 +264,12 @@ impl Btf {
             } else {
                 (offset, 0)
             };
-            Member {
-                name: self.string(read_u32(entry, 0).unwrap_or(0)),
+            let place = Located {
                 type_id: read_u32(entry, 4).unwrap_or(0),
                 bit_offset,
                 bitfield_bits,
-            }
+            };
+            (self.string(read_u32(entry, 0).unwrap_or(0)), place)
         })
     }
 
@@ -293,9 +286,8 @@ impl Btf {
                 .member(here.type_id, name, 0)?
                 .ok_or_else(|| anyhow!("no member `{name}`"))?;
             here = Located {
-                type_id: found.type_id,
-                bit_offset: here.bit_offset + found.bit_offset,
-                bitfield_bits: found.bitfield_bits,
+                bit_offset: add_bits(here.bit_offset, found.bit_offset)?,
+                ..found
             };
         }
         Ok(here)
@@ -313,21 +305,17 @@ impl Btf {
             "BTF type {id} is a {:?}, not a struct or union",
             ty.kind
         );
-        for member in self.members(&ty) {
-            if member.name == name {
-                return Ok(Some(Located {
-                    type_id: member.type_id,
-                    bit_offset: member.bit_offset,
-                    bitfield_bits: member.bitfield_bits,
-                }));
+        for (member, place) in self.members(&ty) {
+            if member == name {
+                return Ok(Some(place));
             }
-            if member.name.is_empty()
-                && let Ok((_, inner)) = self.resolve(member.type_id)
+            if member.is_empty()
+                && let Ok((_, inner)) = self.resolve(place.type_id)
                 && matches!(inner.kind, Kind::Struct | Kind::Union)
-                && let Some(found) = self.member(member.type_id, name, depth + 1)?
+                && let Some(found) = self.member(place.type_id, name, depth + 1)?
             {
                 return Ok(Some(Located {
-                    bit_offset: member.bit_offset + found.bit_offset,
+                    bit_offset: add_bits(place.bit_offset, found.bit_offset)?,
                     ..found
                 }));
             }
@@ -350,6 +338,13 @@ impl Btf {
             })
             .collect())
     }
+}
+
+/// An outer and an inner bit offset added; corrupt data could overflow.
+fn add_bits(outer: u32, inner: u32) -> anyhow::Result<u32> {
+    outer
+        .checked_add(inner)
+        .ok_or_else(|| anyhow!("member offset overflows"))
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
@@ -457,6 +452,7 @@ mod tests {
                 for id in 0..12 {
                     let _ = btf.size_of(id);
                     let _ = btf.offset_of(id, "b");
+                    let _ = btf.offset_of(id, "d.b");
                     let _ = btf.enum_values(id);
                 }
             }

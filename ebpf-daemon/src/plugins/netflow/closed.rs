@@ -58,14 +58,8 @@ fn perf_pages(cpus: usize) -> usize {
 /// The daemon's end of the closed-connection hand-over.
 pub enum ClosedReader {
     Ring(AsyncFd<RingBuf<MapData>>),
-    Perf {
-        /// One buffer per online CPU.
-        buffers: Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>,
-        /// Samples the kernel reported lost. A full buffer makes the kernel's output fail, and
-        /// the program then keeps the connection in the map, so this stays 0 unless that
-        /// reasoning is wrong: it is logged, not hidden.
-        lost: u64,
-    },
+    /// One buffer per online CPU.
+    Perf(Vec<AsyncFd<PerfEventArrayBuffer<MapData>>>),
 }
 
 impl ClosedReader {
@@ -92,7 +86,7 @@ impl ClosedReader {
                             })?;
                     buffers.push(buffer);
                 }
-                Ok(Self::Perf { buffers, lost: 0 })
+                Ok(Self::Perf(buffers))
             }
             _ => {
                 let ring = RingBuf::try_from(map)?;
@@ -114,13 +108,13 @@ impl ClosedReader {
                 guard.clear_ready();
                 Ok(())
             }
-            Self::Perf { buffers, lost } => {
+            Self::Perf(buffers) => {
                 poll_fn(|cx| {
                     let mut drained = false;
                     for fd in buffers.iter_mut() {
                         if let Poll::Ready(guard) = fd.poll_read_ready_mut(cx) {
                             let mut guard = guard?;
-                            *lost += drain_perf(guard.get_inner_mut(), out);
+                            drain_perf(guard.get_inner_mut(), out);
                             guard.clear_ready();
                             drained = true;
                         }
@@ -141,21 +135,11 @@ impl ClosedReader {
     pub fn drain(&mut self, out: &mut Vec<ClosedConn>) {
         match self {
             Self::Ring(fd) => drain_ring(fd.get_mut(), out),
-            Self::Perf { buffers, lost } => {
+            Self::Perf(buffers) => {
                 for fd in buffers.iter_mut() {
-                    *lost += drain_perf(fd.get_mut(), out);
+                    drain_perf(fd.get_mut(), out);
                 }
             }
-        }
-    }
-
-    /// Logs samples the kernel reported lost since the last call.
-    pub fn report(&mut self) {
-        if let Self::Perf { lost, .. } = self
-            && *lost > 0
-        {
-            warn!("netflow: {lost} closed-connection records lost by the perf buffers");
-            *lost = 0;
         }
     }
 }
@@ -166,14 +150,15 @@ fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<ClosedConn>) {
     }
 }
 
-/// Drains one CPU's perf buffer; returns the samples the kernel reported lost.
-fn drain_perf(buffer: &mut PerfEventArrayBuffer<MapData>, out: &mut Vec<ClosedConn>) -> u64 {
-    let mut lost = 0;
-    buffer.for_each(|event| match event {
-        PerfEvent::Sample { head, tail } => push_record(head, tail, out),
-        PerfEvent::Lost { count } => lost += count,
+/// Drains one CPU's perf buffer. The kernel's "lost" records are not losses here: it counts one
+/// exactly when `bpf_perf_event_output` fails, and then the program has kept the connection in
+/// the map for the next sweep and counted it (`NETFLOW_STAT_RINGBUF_FULL`, logged each interval).
+fn drain_perf(buffer: &mut PerfEventArrayBuffer<MapData>, out: &mut Vec<ClosedConn>) {
+    buffer.for_each(|event| {
+        if let PerfEvent::Sample { head, tail } = event {
+            push_record(head, tail, out);
+        }
     });
-    lost
 }
 
 /// Decodes one record, which may come in two pieces (a perf sample across the buffer's end)

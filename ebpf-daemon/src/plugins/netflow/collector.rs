@@ -454,7 +454,6 @@ impl NetflowCollector {
                 _ = tick.tick() => {
                     self.report(&ctx, &mut closed);
                     self.losses.report();
-                    self.closed.report();
                     self.misses.report(&self.ebpf);
                 }
                 _ = ctx.shutdown.changed() => break,
@@ -463,7 +462,6 @@ impl NetflowCollector {
         // What happened since the last interval is still reported.
         self.report(&ctx, &mut closed);
         self.losses.report();
-        self.closed.report();
         self.misses.report(&self.ebpf);
         Ok(())
     }
