@@ -623,3 +623,125 @@ fn udp_unconnected_both_ends_exact_bytes() {
     assert_ne!(client_addr.port(), 0);
     assert!(daemon.terminate().success());
 }
+
+/// Flows of the lifecycle stress suite: `DKE_TEST_STRESS_FLOWS`, else 10,000 (the kernel
+/// matrix runs a smaller slice).
+fn stress_flows() -> usize {
+    std::env::var("DKE_TEST_STRESS_FLOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// The totals one end's rows must carry: (bytes_written, bytes_read, tcp_established,
+/// tcp_closed); the last two are 0 for UDP (not reported).
+type Totals = (i64, i64, i64, i64);
+
+fn row_totals(rows: &[&Point], pred: impl Fn(&Point) -> bool) -> Totals {
+    (
+        sum(rows, "bytes_written", &pred),
+        sum(rows, "bytes_read", &pred),
+        sum(rows, "tcp_established", &pred),
+        sum(rows, "tcp_closed", &pred),
+    )
+}
+
+/// Every lifecycle of `common::lifecycles` (server closes first with slow readers, resets with
+/// data unread, client closes first, half-close, SO_LINGER 0, one 4-tuple reused, concurrent,
+/// long-lived, refused; connected, unconnected and unbound UDP) in IPv4, IPv6 and v4-mapped
+/// IPv6, thousands of flows at once: each end's rows equal what its own calls returned, and no
+/// row in the test's namespaces carries bytes of no case.
+#[test]
+fn lifecycles_stress_every_row_exact() {
+    use common::lifecycles::{self, Case};
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-stress");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
+    let pair = NetPair::create("stress");
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let started = std::time::Instant::now();
+    let cases = lifecycles::run(&pair, stress_flows());
+    let flows: usize = cases.iter().map(|c| c.flows).sum();
+    eprintln!("{flows} flows in {:?}", started.elapsed());
+
+    let transport = |c: &Case| if c.lifecycle.is_udp() { "udp" } else { "tcp" };
+    let client_row = |c: &Case, p: &Point| {
+        p.tag("transport") == Some(transport(c))
+            && is_row(p, c.client_ip, c.server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(c.port.to_string().as_str())
+    };
+    let server_row = |c: &Case, p: &Point| {
+        p.tag("transport") == Some(transport(c))
+            && is_row(p, c.server_ip, c.client_ip, "incoming", server_ns)
+            && p.tag("src_port") == Some(c.port.to_string().as_str())
+    };
+    let want = |c: &Case, end: &lifecycles::Tally| -> Totals {
+        let (written, read, established) = end.get();
+        let conns = if c.lifecycle.is_udp() {
+            0
+        } else {
+            established as i64
+        };
+        (written as i64, read as i64, conns, conns)
+    };
+    // (case, end, wanted, got) for every end whose rows differ from its tally.
+    let mismatches = |points: &[Point]| {
+        let rows = netflow(points);
+        let mut bad = Vec::new();
+        for c in &cases {
+            let client = row_totals(&rows, |p| client_row(c, p));
+            let server = row_totals(&rows, |p| server_row(c, p));
+            for (end, wanted, got) in [
+                ("client", want(c, &c.client), client),
+                ("server", want(c, &c.server), server),
+            ] {
+                if wanted != got {
+                    bad.push(format!("{} {end}: want {wanted:?} got {got:?}", c.name()));
+                }
+            }
+        }
+        // Bytes on rows of the test's namespaces that belong to no case.
+        for p in &rows {
+            let ours = [client_ns, server_ns]
+                .iter()
+                .any(|ns| p.tag("netns") == Some(ns.to_string().as_str()));
+            let known = cases.iter().any(|c| client_row(c, p) || server_row(c, p));
+            let bytes = p.int("bytes_written").unwrap_or(0) + p.int("bytes_read").unwrap_or(0);
+            if ours && !known && bytes > 0 {
+                bad.push(format!("row of no case: {p:?}"));
+            }
+        }
+        bad
+    };
+    let settle = if emulated() { 120 } else { 30 };
+    let points = datakit.wait_for(Duration::from_secs(settle), |pts| {
+        mismatches(pts).is_empty()
+    });
+    let bad = mismatches(&points);
+    // Two more intervals: nothing may arrive late (a count credited twice, or to a later row).
+    let points = if bad.is_empty() {
+        std::thread::sleep(Duration::from_secs(5));
+        datakit.points()
+    } else {
+        points
+    };
+    let bad = if bad.is_empty() {
+        mismatches(&points)
+    } else {
+        bad
+    };
+    assert!(
+        bad.is_empty(),
+        "{} of {} ends wrong ({flows} flows, tier {}):\n{}\nlog:\n{}",
+        bad.len(),
+        2 * cases.len(),
+        tier(),
+        bad.join("\n"),
+        daemon.log_text()
+    );
+    assert!(daemon.terminate().success());
+}

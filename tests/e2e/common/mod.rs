@@ -2,6 +2,7 @@
 //! interactive bash on a pseudo-terminal.
 #![allow(dead_code)]
 
+pub mod lifecycles;
 pub mod netns;
 
 use std::{
