@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use common::{
     Daemon,
@@ -744,4 +747,84 @@ fn lifecycles_stress_every_row_exact() {
         daemon.log_text()
     );
     assert!(daemon.terminate().success());
+}
+
+/// A client whose unconnected UDP socket is bound to the unspecified address (`bind` to
+/// 0.0.0.0:0 or [::]:0, then `sendto`) has no local address in the kernel: the daemon takes the
+/// one the client namespace's routing picks for the server. Both ends' rows are exact, also once
+/// the client's socket is gone and its flow retired.
+fn unbound_udp_client_exact_bytes(name: &str, client_bind: IpAddr, server_v6: bool) {
+    let _serial = serial();
+    let dir = scratch(name);
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
+    let pair = NetPair::create(name);
+    let server_ip: IpAddr = if server_v6 {
+        pair.b_v6.into()
+    } else {
+        pair.b_v4.into()
+    };
+    let client_ip = pair.a_ip_for(server_ip);
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let (client_addr, server_addr) =
+        netns::udp_exchange_from(&pair, client_bind, server_ip, 0, &[1000; 10], &[500; 10]);
+    assert_eq!(client_addr.ip(), client_ip);
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
+    wait_total(&datakit, &daemon, "bytes_written", 10_000, client);
+    wait_total(&datakit, &daemon, "bytes_read", 5_000, client);
+    wait_total(&datakit, &daemon, "bytes_read", 10_000, server);
+    let points = wait_total(&datakit, &daemon, "bytes_written", 5_000, server);
+    let rows = netflow(&points);
+    let c = rows.iter().find(|p| client(p)).unwrap();
+    assert_eq!(
+        c.tag("dst_port"),
+        Some(server_addr.port().to_string().as_str())
+    );
+    assert_eq!(
+        c.tag("family"),
+        Some(if server_v6 { "IPv6" } else { "IPv4" })
+    );
+    // The flows retire after two quiet intervals (2 s each) and the daemon reports once more
+    // on exit: nothing is counted twice.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(daemon.terminate().success());
+    let rows = datakit.points();
+    let rows = netflow(&rows);
+    assert_eq!(
+        [
+            sum(&rows, "bytes_written", client),
+            sum(&rows, "bytes_read", client),
+            sum(&rows, "bytes_read", server),
+            sum(&rows, "bytes_written", server),
+        ],
+        [10_000, 5_000, 10_000, 5_000],
+        "rows {rows:#?}"
+    );
+}
+
+#[test]
+fn udp_unconnected_unbound_ipv4_client_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    unbound_udp_client_exact_bytes("nf-udp-any4", Ipv4Addr::UNSPECIFIED.into(), false);
+}
+
+#[test]
+fn udp_unconnected_unbound_ipv6_client_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    unbound_udp_client_exact_bytes("nf-udp-any6", Ipv6Addr::UNSPECIFIED.into(), true);
+}
+
+/// An IPv6 socket bound to :: sending to an IPv4 server (at its IPv4-mapped address).
+#[test]
+fn udp_unconnected_unbound_dual_stack_client_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    unbound_udp_client_exact_bytes("nf-udp-any46", Ipv6Addr::UNSPECIFIED.into(), false);
 }

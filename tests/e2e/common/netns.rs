@@ -637,18 +637,42 @@ pub fn udp_exchange(
     sizes: &[usize],
     reply_sizes: &[usize],
 ) -> (SocketAddr, SocketAddr) {
+    let client_ip = pair.a_ip_for(server_ip);
+    udp_exchange_from(pair, client_ip, server_ip, port, sizes, reply_sizes)
+}
+
+/// `udp_exchange` with the client socket bound to `client_bind` (kernel-picked port). Bound to
+/// the unspecified address (0.0.0.0 or ::), it has no local address of its own: the kernel picks
+/// a's address per datagram by routing. An IPv6 client socket reaches an IPv4 server at its
+/// IPv4-mapped address (dual stack). Returns (client address as the server saw it, server addr).
+pub fn udp_exchange_from(
+    pair: &NetPair,
+    client_bind: IpAddr,
+    server_ip: IpAddr,
+    port: u16,
+    sizes: &[usize],
+    reply_sizes: &[usize],
+) -> (SocketAddr, SocketAddr) {
     assert_eq!(sizes.len(), reply_sizes.len(), "one reply per datagram");
     let client_ip = pair.a_ip_for(server_ip);
     let server_sock = pair
         .b
         .run(move || UdpSocket::bind((server_ip, port)).unwrap());
-    let client_sock = pair.a.run(move || UdpSocket::bind((client_ip, 0)).unwrap());
+    let client_sock = pair
+        .a
+        .run(move || UdpSocket::bind((client_bind, 0)).unwrap());
     for sock in [&server_sock, &client_sock] {
         sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         sock.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     }
     let server_addr = server_sock.local_addr().unwrap();
-    let client_addr = client_sock.local_addr().unwrap();
+    let client_addr = SocketAddr::new(client_ip, client_sock.local_addr().unwrap().port());
+    let target = match (client_bind, server_addr) {
+        (IpAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        _ => server_addr,
+    };
     let (sizes, replies) = (sizes.to_vec(), reply_sizes.to_vec());
     let (expected, reply_sizes) = (sizes.clone(), replies.clone());
     let server = pair.b.spawn(move || {
@@ -668,15 +692,16 @@ pub fn udp_exchange(
     let client = pair.a.spawn(move || {
         let mut buf = vec![0u8; 65536];
         for (i, &size) in sizes.iter().enumerate() {
-            let sent = client_sock.send_to(&vec![0xa5; size], server_addr).unwrap();
+            let sent = client_sock.send_to(&vec![0xa5; size], target).unwrap();
             assert_eq!(sent, size);
             let (n, from) = client_sock
                 .recv_from(&mut buf)
                 .unwrap_or_else(|e| panic!("UDP client: reply #{i}: {e}"));
-            assert_eq!(from, server_addr, "UDP reply from a stranger");
+            assert_eq!(from, target, "UDP reply from a stranger");
             assert_eq!(n, replies[i], "size of reply #{i}");
             assert!(buf[..n].iter().all(|&b| b == 0x5a), "payload of reply #{i}");
         }
+        // client_sock is dropped here: the client is gone before the daemon reports.
     });
     join(client);
     let got = join(server);

@@ -47,6 +47,9 @@ pub trait Resolver {
     fn is_listening(&mut self, pid: u32, protocol: u16, port: u16) -> bool;
     /// The domain name DNS answers gave for `ip` (dnsflow's cache), if any.
     fn domain(&mut self, ip: IpAddr) -> Option<String>;
+    /// The address network namespace `netns` sends from to reach `peer` (its routing's choice),
+    /// for a UDP socket bound to no address; `pid` used the socket (0 if unknown).
+    fn local_address(&mut self, netns: u32, pid: u32, peer: IpAddr) -> Option<IpAddr>;
 }
 
 /// Counts of one interval, for the daemon's debug log and tests.
@@ -240,15 +243,26 @@ impl Tracker {
             IPPROTO_UDP if opts.include_udp => "udp",
             _ => return None,
         };
-        let (src, dst) = (address(&info.saddr), address(&info.daddr));
+        let dst = address(&info.daddr);
+        if info.sport == 0 || info.dport == 0 || dst.is_unspecified() {
+            return None;
+        }
+        if !opts.include_loopback && dst.is_loopback() {
+            return None;
+        }
+        let src = match address(&info.saddr) {
+            // A UDP socket bound to no address (0.0.0.0, ::) has none in the kernel: each
+            // datagram leaves from the address the routing picks for its peer.
+            src if src.is_unspecified() && info.protocol == IPPROTO_UDP => {
+                resolver.local_address(info.netns, info.pid, dst)?
+            }
+            src => src,
+        };
+        if src.is_unspecified() || (!opts.include_loopback && src.is_loopback()) {
+            return None;
+        }
         let v4 = matches!((src, dst), (IpAddr::V4(_), IpAddr::V4(_)));
         if !v4 && opts.ipv6_disabled {
-            return None;
-        }
-        if info.sport == 0 || info.dport == 0 || src.is_unspecified() || dst.is_unspecified() {
-            return None;
-        }
-        if !opts.include_loopback && (src.is_loopback() || dst.is_loopback()) {
             return None;
         }
         let outgoing = if info.flags & CONN_F_OUTGOING != 0 {
@@ -435,6 +449,14 @@ mod tests {
 
         fn is_listening(&mut self, _pid: u32, _protocol: u16, port: u16) -> bool {
             self.listening.contains(&port)
+        }
+
+        /// Routes 10.0.0.0/24 from 10.0.0.9, nothing else.
+        fn local_address(&mut self, _netns: u32, _pid: u32, peer: IpAddr) -> Option<IpAddr> {
+            match peer {
+                IpAddr::V4(ip) if ip.octets()[..3] == [10, 0, 0] => Some([10, 0, 0, 9].into()),
+                _ => None,
+            }
         }
     }
 
@@ -695,6 +717,70 @@ mod tests {
         assert!(disabled.is_empty());
     }
 
+    /// An unconnected UDP socket bound to no address: its rows take the address the resolver
+    /// (the namespace's routing) gives for the peer, whatever the socket's family.
+    #[test]
+    fn unbound_udp_source_is_the_routes() {
+        let mut udp = conn(40000, 53, CONN_F_OUTGOING);
+        udp.protocol = IPPROTO_UDP;
+        udp.saddr = mapped([0, 0, 0, 0]);
+        udp.bytes_sent = 60;
+        udp.bytes_recv = 120;
+        // Dual stack: an IPv6 socket bound to :: sending to an IPv4-mapped peer.
+        let mut dual = udp;
+        dual.family = AF_INET6;
+        dual.saddr = Ipv6Addr::UNSPECIFIED.octets();
+        dual.daddr = mapped([10, 0, 0, 3]);
+        for (info, dst) in [(udp, "10.0.0.2"), (dual, "10.0.0.3")] {
+            let p = run(
+                &mut Tracker::new(options()),
+                &[ConnSample { sock: 1, info }],
+                &[],
+            );
+            assert_eq!(p.len(), 1, "{info:?}");
+            assert_eq!(tag(&p[0], "src_ip"), Some("10.0.0.9"));
+            assert_eq!(tag(&p[0], "dst_ip"), Some(dst));
+            assert_eq!(tag(&p[0], "family"), Some("IPv4"));
+            assert_eq!(tag(&p[0], "direction"), Some("outgoing"));
+            assert_eq!(
+                (field(&p[0], "bytes_written"), field(&p[0], "bytes_read")),
+                (60, 120)
+            );
+        }
+    }
+
+    /// Left out as before: a TCP socket without an address, and a UDP peer with no route.
+    #[test]
+    fn unresolved_unbound_sources_are_filtered() {
+        let mut tcp = conn(40000, 80, EST_OUT);
+        tcp.saddr = mapped([0, 0, 0, 0]);
+        tcp.bytes_sent = 1;
+        let mut unrouted = conn(40000, 53, CONN_F_OUTGOING);
+        unrouted.protocol = IPPROTO_UDP;
+        unrouted.saddr = mapped([0, 0, 0, 0]);
+        unrouted.daddr = mapped([192, 0, 2, 1]);
+        unrouted.bytes_sent = 1;
+        let tags = GlobalTags::from_pairs(&[]);
+        let mut resolver = FakeResolver { listening: vec![] };
+        let out = Tracker::new(options()).interval(
+            &[
+                ConnSample { sock: 1, info: tcp },
+                ConnSample {
+                    sock: 2,
+                    info: unrouted,
+                },
+            ],
+            &[],
+            &mut resolver,
+            &tags,
+            0,
+            0,
+            u64::MAX,
+        );
+        assert!(out.points.is_empty());
+        assert_eq!(out.stats.filtered, 2);
+    }
+
     #[test]
     fn closed_flag_in_the_map_is_collected_and_deleted() {
         let mut t = Tracker::new(options());
@@ -940,6 +1026,9 @@ mod tests {
             }
             fn domain(&mut self, _ip: IpAddr) -> Option<String> {
                 self.0.then(|| "named.test".to_string())
+            }
+            fn local_address(&mut self, _netns: u32, _pid: u32, _peer: IpAddr) -> Option<IpAddr> {
+                None
             }
         }
         let mut t = Tracker::new(options());

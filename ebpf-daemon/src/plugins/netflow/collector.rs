@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::{
     aggregate::{ConnSample, NetflowOptions, Resolver, Tracker},
     closed::ClosedReader,
+    route::LocalAddresses,
 };
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
@@ -501,6 +502,7 @@ impl NetflowCollector {
             clock::monotonic_ns(),
             IDLE_NS,
         );
+        self.resolver.end_interval();
         closed.clear();
         for sock in &output.delete {
             match udp_ids.get(sock) {
@@ -671,17 +673,20 @@ fn udp_flow_id(key: &UdpFlowKey) -> u64 {
     hasher.finish() | 1
 }
 
-/// Process names and listening ports from /proc (`HOST_PROC`), cached for one interval.
+/// Process names and listening ports from /proc (`HOST_PROC`), and the local addresses of
+/// unbound UDP sockets from each namespace's routing, cached for one interval.
 pub(crate) struct ProcResolver {
     proc_root: PathBuf,
     listening: StdHashMap<(u32, u16), HashSet<u16>>,
     names: StdHashMap<u32, String>,
     domains: Option<Arc<DomainCache>>,
+    local_addresses: LocalAddresses,
 }
 
 impl ProcResolver {
     pub(crate) fn new(proc_root: PathBuf) -> Self {
         Self {
+            local_addresses: LocalAddresses::new(proc_root.clone()),
             proc_root,
             listening: StdHashMap::new(),
             names: StdHashMap::new(),
@@ -692,6 +697,12 @@ impl ProcResolver {
     pub(crate) fn new_interval(&mut self) {
         self.listening.clear();
         self.names.clear();
+        self.local_addresses.new_interval();
+    }
+
+    /// Lets go of what only this interval needed (sockets that hold namespaces alive).
+    pub(crate) fn end_interval(&mut self) {
+        self.local_addresses.release();
     }
 
     /// The process name as the reference reports it (gopsutil's `Name()`): the process's own
@@ -779,6 +790,10 @@ impl Resolver for ProcResolver {
             self.listening.insert(key, ports);
         }
         self.listening[&key].contains(&port)
+    }
+
+    fn local_address(&mut self, netns: u32, pid: u32, peer: IpAddr) -> Option<IpAddr> {
+        self.local_addresses.lookup(netns, pid, peer)
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod closed;
 pub mod collector;
+mod route;
 
 use std::sync::Arc;
 
