@@ -32,8 +32,11 @@ pub const NETFLOW_STAT_RINGBUF_FULL: u32 = 1;
 pub const NETFLOW_STAT_READ_FAILED: u32 = 2;
 /// An event skipped: our programs were nested deeper on one CPU than they have scratch room for.
 pub const NETFLOW_STAT_NESTED: u32 = 3;
+/// A stale entry (a socket gone without its final record leaving, its memory now another
+/// socket's) could not be handed over before the new socket replaced it: its last counts are lost.
+pub const NETFLOW_STAT_STALE_LOST: u32 = 4;
 /// Number of counters.
-pub const NETFLOW_STAT_COUNT: u32 = 4;
+pub const NETFLOW_STAT_COUNT: u32 = 5;
 
 /// Seen going SYN_SENT → ESTABLISHED (we connected).
 pub const CONN_F_OUTGOING: u32 = 1 << 0;
@@ -41,8 +44,16 @@ pub const CONN_F_OUTGOING: u32 = 1 << 0;
 pub const CONN_F_INCOMING: u32 = 1 << 1;
 /// The connection was established while the probes were attached (not a pre-existing one).
 pub const CONN_F_ESTABLISHED: u32 = 1 << 2;
-/// The connection reached CLOSE.
+/// The connection reached CLOSE. Its socket may still be read (what arrived before a reset or
+/// the peer's FIN), so the entry stays until the socket is destroyed.
 pub const CONN_F_CLOSED: u32 = 1 << 3;
+/// The entry is final: its socket was destroyed (or its memory went to another socket). Set on
+/// every [`ClosedConn`] record, and on an entry left in the map because its record could not
+/// be queued (the daemon's sweep collects it).
+pub const CONN_F_FINAL: u32 = 1 << 4;
+/// Seen in SYN_SENT (we called connect()); without [`CONN_F_ESTABLISHED`] at the end, the
+/// attempt failed (refused, timed out) and no connection was closed.
+pub const CONN_F_CONNECTING: u32 = 1 << 5;
 
 /// How often a busy connection's `last_ns`, RTT and retransmits are refreshed on send/receive:
 /// 25 jiffies (100 ms at HZ=250; 25 to 250 ms for other HZ). A jiffies read costs a load; a
@@ -107,9 +118,11 @@ pub struct TracepointOffsets {
     pub state_newstate: u32,
     /// `tcp:tcp_retransmit_skb`: `skaddr`
     pub retransmit_skaddr: u32,
+    /// `tcp:tcp_destroy_sock`: `skaddr`
+    pub destroy_skaddr: u32,
 }
 
-crate::assert_size!(TracepointOffsets, 16);
+crate::assert_size!(TracepointOffsets, 20);
 
 /// Offsets of `sk`, `ret` and `flags` in the records of `sock:sock_send_length` and
 /// `sock:sock_recv_length` on every kernel since they exist (6.3; after the 8-byte common
@@ -163,16 +176,34 @@ pub struct ConnInfo {
 
 crate::assert_size!(ConnInfo, 120);
 
-/// The final state of a connection that reached CLOSE, sent through the ring buffer.
+/// The final counters of a connection whose socket was destroyed (or of a stale entry whose
+/// memory went to another socket), sent through the ring buffer or perf event array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClosedConn {
-    /// The map key (socket address).
+    /// The map key (socket address); with `udp_flow`, the socket of the [`UdpFlowKey`].
     pub sock: u64,
     pub info: ConnInfo,
+    /// Unconnected UDP flows (`udp_flow` = 1): the rest of the flow's [`UdpFlowKey`].
+    pub peer: [u8; 16],
+    pub peer_port: u16,
+    pub udp_flow: u16,
+    pub _pad: [u8; 4],
 }
 
-crate::assert_size!(ClosedConn, 128);
+crate::assert_size!(ClosedConn, 152);
+
+impl ClosedConn {
+    /// The unconnected UDP flow this record ends, if it is one.
+    pub fn udp_flow_key(&self) -> Option<UdpFlowKey> {
+        (self.udp_flow != 0).then_some(UdpFlowKey {
+            sock: self.sock,
+            peer: self.peer,
+            port: self.peer_port,
+            _pad: [0; 6],
+        })
+    }
+}
 
 /// Key of an unconnected UDP flow: the socket and the peer of the datagram.
 #[repr(C)]

@@ -25,6 +25,7 @@ const TRACEPOINTS: &[&str] = &[
     "sock_recv_length",
     "inet_sock_set_state",
     "tcp_retransmit_skb",
+    "tcp_destroy_sock",
 ];
 
 /// Kernel functions whose presence the tier choice needs (the fentry tier's fexit targets: the

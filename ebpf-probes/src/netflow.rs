@@ -21,18 +21,36 @@ mod closed_events {
     use aya_ebpf::{macros::map, maps::RingBuf};
     use ebpf_common::netflow::{ClosedConn, ConnInfo};
 
-    use super::programs::Nest;
+    use super::programs::{Nest, Peer};
 
     /// Closed connections; 256 KiB holds about 2,000 records between two reads.
     #[map]
     static NETFLOW_CLOSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-    /// Hands a closed connection's final counters over; false when the ring buffer is full.
+    /// Hands a connection's final counters over (`peer`: of an unconnected UDP flow); false
+    /// when the ring buffer is full.
     #[inline(always)]
-    pub(crate) fn submit(_ctx: *mut c_void, _nest: &Nest, sock: u64, info: &ConnInfo) -> bool {
+    pub(crate) fn submit(
+        _ctx: *mut c_void,
+        _nest: &Nest,
+        sock: u64,
+        info: &ConnInfo,
+        peer: Option<&Peer>,
+    ) -> bool {
         match NETFLOW_CLOSED.reserve::<ClosedConn>(0) {
             Some(mut entry) => {
-                entry.write(ClosedConn { sock, info: *info });
+                let (peer, peer_port, udp_flow) = match peer {
+                    Some(p) => (p.addr, p.port, 1),
+                    None => ([0; 16], 0, 0),
+                };
+                entry.write(ClosedConn {
+                    sock,
+                    info: *info,
+                    peer,
+                    peer_port,
+                    udp_flow,
+                    _pad: [0; 4],
+                });
                 entry.submit(0);
                 true
             }

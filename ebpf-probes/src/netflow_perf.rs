@@ -26,7 +26,7 @@ mod closed_events {
     };
     use ebpf_common::netflow::{ClosedConn, ConnInfo};
 
-    use super::programs::{NEST_LEVELS, Nest};
+    use super::programs::{NEST_LEVELS, Nest, Peer};
 
     /// Closed connections, into this CPU's perf buffer (sized by the daemon).
     #[map]
@@ -37,9 +37,16 @@ mod closed_events {
     #[map]
     static CLOSED_SCRATCH: PerCpuArray<ClosedConn> = PerCpuArray::with_max_entries(NEST_LEVELS, 0);
 
-    /// Hands a closed connection's final counters over; false when this CPU's buffer is full.
+    /// Hands a connection's final counters over (`peer`: of an unconnected UDP flow); false
+    /// when this CPU's buffer is full.
     #[inline(always)]
-    pub(crate) fn submit(ctx: *mut c_void, nest: &Nest, sock: u64, info: &ConnInfo) -> bool {
+    pub(crate) fn submit(
+        ctx: *mut c_void,
+        nest: &Nest,
+        sock: u64,
+        info: &ConnInfo,
+        peer: Option<&Peer>,
+    ) -> bool {
         let Some(record) = CLOSED_SCRATCH.get_ptr_mut(nest.level()) else {
             return false;
         };
@@ -47,6 +54,18 @@ mod closed_events {
         let record = unsafe { &mut *record };
         record.sock = sock;
         record.info = *info;
+        match peer {
+            Some(p) => {
+                record.peer = p.addr;
+                record.peer_port = p.port;
+                record.udp_flow = 1;
+            }
+            None => {
+                record.peer = [0; 16];
+                record.peer_port = 0;
+                record.udp_flow = 0;
+            }
+        }
         // aya-ebpf's `PerfEventArray::output` drops the helper's result, and a full buffer must
         // leave the connection in the map (the daemon's sweep collects it), so the helper is
         // called directly. The map's address is the static's: `PerfEventArray` is a

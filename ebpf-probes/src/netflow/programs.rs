@@ -16,8 +16,11 @@
 //! The others (tp_btf in the tracepoint and fentry tiers, classic tracepoints in the kprobe tier,
 //! which then needs no kernel BTF beyond a `--btf` file):
 //! - `inet_sock_set_state`: the TCP state machine: direction (SYN_SENT→ESTABLISHED is ours,
-//!   SYN_RECV→ESTABLISHED is accepted), connections established while we watch, and CLOSE, where
-//!   the final counters go to userspace (`closed_events`) and the map entry is freed.
+//!   SYN_RECV→ESTABLISHED is accepted), connections established while we watch, a new socket
+//!   (SYN_SENT, or an accepted one) starting a fresh entry, and CLOSE (RTT and retransmits read).
+//! - `tcp_destroy_sock`: the socket is freed, so nothing more can be read from it (a socket in
+//!   CLOSE still can: what arrived before a reset or the peer's FIN): the final counters go to
+//!   userspace (`closed_events`) and the map entry is freed.
 //! - `tcp_retransmit_skb`: refreshes the retransmit counter of a connection that is not sending.
 //! - `syscalls:sys_{enter,exit}_{sendto,sendmsg,recvfrom,recvmsg}`: the peer address of
 //!   datagrams on unconnected UDP sockets (which hold no peer), remembered per thread for the
@@ -48,10 +51,11 @@ use aya_ebpf::{
     },
 };
 use ebpf_common::netflow::{
-    AF_INET, AF_INET6, CLASSIC_IO_LAYOUT, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING,
-    CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP, IPPROTO_UDP, NETFLOW_STAT_COUNT,
-    NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
-    NETFLOW_STAT_RINGBUF_FULL, NetOffsets, REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
+    AF_INET, AF_INET6, CLASSIC_IO_LAYOUT, CONN_F_CLOSED, CONN_F_CONNECTING, CONN_F_ESTABLISHED,
+    CONN_F_FINAL, CONN_F_INCOMING, CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP,
+    IPPROTO_UDP, NETFLOW_STAT_COUNT, NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED,
+    NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, NetOffsets,
+    REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
 };
 
 /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -81,6 +85,7 @@ static NET_TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     state_oldstate: 0,
     state_newstate: 0,
     retransmit_skaddr: 0,
+    destroy_skaddr: 0,
 };
 
 /// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
@@ -106,9 +111,9 @@ static UDP_RECV: LruHashMap<u64, RecvCall> = LruHashMap::with_max_entries(16_384
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Peer {
-    addr: [u8; 16],
-    port: u16,
+pub(crate) struct Peer {
+    pub(crate) addr: [u8; 16],
+    pub(crate) port: u16,
     _pad: [u8; 6],
 }
 
@@ -210,28 +215,28 @@ fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
 // `sock_send_length(sk, ret, flags)` and `sock_recv_length(sk, ret, flags)`.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn netflow_send(ctx: BtfTracePointContext) -> u32 {
-    on_length(ctx.arg(0), ctx.arg(1), 0, true);
+    on_length(ctx.as_ptr(), ctx.arg(0), ctx.arg(1), 0, true);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn netflow_recv(ctx: BtfTracePointContext) -> u32 {
-    on_length(ctx.arg(0), ctx.arg(1), ctx.arg(2), false);
+    on_length(ctx.as_ptr(), ctx.arg(0), ctx.arg(1), ctx.arg(2), false);
     0
 }
 
 /// An event of the `sock_msg_length` class (tracepoint and classic-tracepoint tiers): `ret`
 /// is the byte count, or a negative error.
 #[inline(always)]
-fn on_length(sk: *const u8, ret: i32, flags: i32, send: bool) {
+fn on_length(ctx: *mut c_void, sk: *const u8, ret: i32, flags: i32, send: bool) {
     if ret <= 0 {
         return;
     }
     if send {
-        on_io(sk, ret as u64, 0);
+        on_io(ctx, sk, ret as u64, 0);
     } else if flags & MSG_PEEK == 0 {
         // A peek leaves the data in the socket: it is counted when really read.
-        on_io(sk, 0, ret as u64);
+        on_io(ctx, sk, 0, ret as u64);
     }
 }
 
@@ -249,6 +254,12 @@ pub fn netflow_state(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn netflow_retransmit(ctx: BtfTracePointContext) -> u32 {
     on_retransmit(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn netflow_destroy(ctx: BtfTracePointContext) -> u32 {
+    on_destroy(ctx.as_ptr(), ctx.arg(0));
     0
 }
 
@@ -281,7 +292,7 @@ pub fn netflow_fexit_inet6_recv(ctx: FExitContext) -> u32 {
 fn fexit_send(ctx: &FExitContext) -> u32 {
     // Read as u64 slots: `ctx.ret()` needs bpf_get_func_ret (5.17+); the slot works from 5.5.
     let ret = ctx.arg::<u64>(3) as i32;
-    on_socket_io(ctx.arg(0), ret, 0, false);
+    on_socket_io(ctx.as_ptr(), ctx.arg(0), ret, 0, false);
     0
 }
 
@@ -289,14 +300,14 @@ fn fexit_send(ctx: &FExitContext) -> u32 {
 fn fexit_recv(ctx: &FExitContext) -> u32 {
     let flags = ctx.arg::<u64>(3) as i32;
     let ret = ctx.arg::<u64>(4) as i32;
-    on_socket_io(ctx.arg(0), 0, ret, flags & MSG_PEEK != 0);
+    on_socket_io(ctx.as_ptr(), ctx.arg(0), 0, ret, flags & MSG_PEEK != 0);
     0
 }
 
 /// A send (`sent` > 0) or receive (`received` > 0) returned by the INET layer on `sock`
 /// (a `struct socket *`). Errors and zero-length calls are negative or zero.
 #[inline(always)]
-fn on_socket_io(sock: *const u8, sent: i32, received: i32, peek: bool) {
+fn on_socket_io(ctx: *mut c_void, sock: *const u8, sent: i32, received: i32, peek: bool) {
     if peek || (sent <= 0 && received <= 0) {
         return;
     }
@@ -304,7 +315,7 @@ fn on_socket_io(sock: *const u8, sent: i32, received: i32, peek: bool) {
         count(NETFLOW_STAT_READ_FAILED);
         return;
     };
-    on_io(sk, sent.max(0) as u64, received.max(0) as u64);
+    on_io(ctx, sk, sent.max(0) as u64, received.max(0) as u64);
 }
 
 // ---- kprobe tier ----
@@ -347,7 +358,13 @@ pub fn netflow_kretprobe_send(ctx: RetProbeContext) -> u32 {
     // SAFETY: a copy out of this thread's entry.
     if let Some(sock) = unsafe { INET_SENDS.get(&thread) }.copied() {
         let _ = INET_SENDS.remove(&thread);
-        on_socket_io(sock as *const u8, ctx.ret::<u64>() as i32, 0, false);
+        on_socket_io(
+            ctx.as_ptr(),
+            sock as *const u8,
+            ctx.ret::<u64>() as i32,
+            0,
+            false,
+        );
     }
     0
 }
@@ -392,7 +409,7 @@ pub fn netflow_kprobe_tcp_recv(ctx: ProbeContext) -> u32 {
         // Not inside a recvmsg on this socket (splice, kernel readers): all of it is new.
         _ => copied,
     };
-    on_io(sk as *const u8, 0, new);
+    on_io(ctx.as_ptr(), sk as *const u8, 0, new);
     0
 }
 
@@ -402,7 +419,7 @@ pub fn netflow_kprobe_udp_recv(ctx: ProbeContext) -> u32 {
     let sk = ctx.arg::<u64>(0).unwrap_or(0);
     let len = ctx.arg::<u64>(2).unwrap_or(0) as i32;
     if sk != 0 && len > 0 {
-        on_io(sk as *const u8, 0, len as u64);
+        on_io(ctx.as_ptr(), sk as *const u8, 0, len as u64);
     }
     0
 }
@@ -460,7 +477,7 @@ fn classic_io(ctx: &TracePointContext, send: bool) {
             *(base.add(flags as usize) as *const i32),
         )
     };
-    on_length(sk as *const u8, ret, flags, send);
+    on_length(ctx.as_ptr(), sk as *const u8, ret, flags, send);
 }
 
 /// `tcp:tcp_retransmit_skb`, classic tracepoint (kprobe and classic tiers).
@@ -470,6 +487,18 @@ pub fn netflow_tp_retransmit(ctx: TracePointContext) -> u32 {
     let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
     match unsafe { ctx.read_at::<u64>(off.retransmit_skaddr as usize) } {
         Ok(sk) => on_retransmit(sk as *const u8),
+        Err(_) => count(NETFLOW_STAT_READ_FAILED),
+    }
+    0
+}
+
+/// `tcp:tcp_destroy_sock`, classic tracepoint (kprobe and classic tiers).
+#[tracepoint]
+pub fn netflow_tp_destroy(ctx: TracePointContext) -> u32 {
+    // SAFETY: as in netflow_tp_state.
+    let off = unsafe { core::ptr::read_volatile(&NET_TP_OFFSETS) };
+    match unsafe { ctx.read_at::<u64>(off.destroy_skaddr as usize) } {
+        Ok(sk) => on_destroy(ctx.as_ptr(), sk as *const u8),
         Err(_) => count(NETFLOW_STAT_READ_FAILED),
     }
     0
@@ -508,9 +537,12 @@ fn raise(field: &mut u32, value: u32) {
 }
 
 /// A send or receive by the current process.
-fn on_io(sk: *const u8, sent: u64, recv: u64) {
+fn on_io(ctx: *mut c_void, sk: *const u8, sent: u64, recv: u64) {
     let key = sk as u64;
-    let info = match NETFLOW_CONNS.get_ptr_mut(&key) {
+    let info = match NETFLOW_CONNS
+        .get_ptr_mut(&key)
+        .filter(|&info| still_ours(ctx, sk, info))
+    {
         Some(info) => info,
         None => {
             let Some(nest) = Nest::enter() else {
@@ -522,7 +554,7 @@ fn on_io(sk: *const u8, sent: u64, recv: u64) {
             // An unconnected UDP socket has no peer: the syscall tracepoints know it.
             if new.dport == 0 {
                 if new.protocol == IPPROTO_UDP {
-                    unconnected_udp(key, new, sent, recv, &nest);
+                    unconnected_udp(ctx, key, new, sent, recv, &nest);
                 }
                 return;
             }
@@ -567,10 +599,16 @@ fn on_state(ctx: *mut c_void, sk: *const u8, old: i32, new: i32) -> Result<(), (
     };
     match new {
         TCP_SYN_SENT => {
-            // connect(): the only state change made in the connecting process's context.
+            // connect(): the only state change made in the connecting process's context. A
+            // new connection: whatever the map holds for this address is a stale entry.
             if let Some(info) = describe(sk, &nest) {
                 set_process(info);
-                track(key, info);
+                info.flags = CONN_F_CONNECTING;
+                if let Some(old) = NETFLOW_CONNS.get_ptr_mut(&key) {
+                    // SAFETY: map value of this address.
+                    retire(ctx, &nest, key, unsafe { &mut *old });
+                }
+                replace(key, info);
             }
         }
         TCP_ESTABLISHED => {
@@ -582,7 +620,25 @@ fn on_state(ctx: *mut c_void, sk: *const u8, old: i32, new: i32) -> Result<(), (
             let Some(fresh) = describe(sk, &nest) else {
                 return Ok(());
             };
-            match NETFLOW_CONNS.get_ptr_mut(&key) {
+            // An accepted socket is new: an entry with a past (another socket's, whose memory
+            // this is) is retired. One without (I/O during SYN_RECV: TCP Fast Open) is its own.
+            let stale = |info: *mut ConnInfo| {
+                // SAFETY: map value of this address.
+                let flags = unsafe { (*info).flags };
+                direction == CONN_F_INCOMING
+                    && flags
+                        & (CONN_F_ESTABLISHED | CONN_F_CLOSED | CONN_F_FINAL | CONN_F_CONNECTING)
+                        != 0
+            };
+            let current = match NETFLOW_CONNS.get_ptr_mut(&key) {
+                Some(old) if stale(old) => {
+                    // SAFETY: map value of this address.
+                    retire(ctx, &nest, key, unsafe { &mut *old });
+                    None
+                }
+                found => found,
+            };
+            match current {
                 // The tuple is complete only now (the source port is picked after SYN_SENT).
                 // SAFETY: map value of this socket.
                 Some(info) => unsafe {
@@ -595,24 +651,22 @@ fn on_state(ctx: *mut c_void, sk: *const u8, old: i32, new: i32) -> Result<(), (
                 },
                 None => {
                     fresh.flags |= CONN_F_ESTABLISHED | direction;
-                    track(key, fresh);
+                    if direction == CONN_F_INCOMING {
+                        replace(key, fresh);
+                    } else {
+                        track(key, fresh);
+                    }
                 }
             }
         }
         TCP_CLOSE => {
+            // Not the end: the socket can still be read until it is destroyed.
             if let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) {
                 // SAFETY: map value of this socket.
                 unsafe {
                     read_tcp(sk, &mut *info);
                     (*info).flags |= CONN_F_CLOSED;
                     (*info).last_ns = bpf_ktime_get_ns();
-                }
-                // SAFETY: `info` is the map value of this socket.
-                if super::closed_events::submit(ctx, &nest, key, unsafe { &*info }) {
-                    let _ = NETFLOW_CONNS.remove(&key);
-                } else {
-                    // Left in the map flagged closed: the daemon collects it at its next sweep.
-                    count(NETFLOW_STAT_RINGBUF_FULL);
                 }
             }
         }
@@ -621,15 +675,92 @@ fn on_state(ctx: *mut c_void, sk: *const u8, old: i32, new: i32) -> Result<(), (
     Ok(())
 }
 
+/// A TCP socket is freed: its entry is final.
+fn on_destroy(ctx: *mut c_void, sk: *const u8) {
+    let key = sk as u64;
+    let Some(info) = NETFLOW_CONNS.get_ptr_mut(&key) else {
+        return;
+    };
+    let Some(nest) = Nest::enter() else {
+        return;
+    };
+    // SAFETY: map value of this socket, still allocated.
+    let info = unsafe { &mut *info };
+    read_tcp(sk, info);
+    info.flags |= CONN_F_FINAL;
+    info.last_ns = unsafe { bpf_ktime_get_ns() };
+    if super::closed_events::submit(ctx, &nest, key, info, None) {
+        let _ = NETFLOW_CONNS.remove(&key);
+    } else {
+        // Left in the map flagged final: the daemon collects it at its next sweep.
+        count(NETFLOW_STAT_RINGBUF_FULL);
+    }
+}
+
+/// Hands a stale entry (its socket gone, the address now another socket's) over as final, so
+/// that its last counts are reported; the caller replaces it.
+#[inline(always)]
+fn retire(ctx: *mut c_void, nest: &Nest, key: u64, old: &mut ConnInfo) {
+    old.flags |= CONN_F_FINAL;
+    if !super::closed_events::submit(ctx, nest, key, old, None) {
+        count(NETFLOW_STAT_STALE_LOST);
+    }
+}
+
+/// Whether the entry found for `sk` still belongs to the socket doing I/O there. TCP entries
+/// are renewed by the state changes; a final one left for the sweep, or a connected UDP one
+/// (UDP has no event when a socket is freed) whose ports are no longer the socket's, belongs
+/// to a socket that is gone: it is retired and removed, and the caller starts a fresh entry.
+#[inline(always)]
+fn still_ours(ctx: *mut c_void, sk: *const u8, info: *mut ConnInfo) -> bool {
+    // SAFETY: map value of this address.
+    let info = unsafe { &mut *info };
+    let stale = if info.flags & CONN_F_FINAL != 0 {
+        true
+    } else if info.protocol == IPPROTO_UDP {
+        // `skc_dport` (network order) and `skc_num` are adjacent (`skc_portpair`; the daemon
+        // checks it): one read.
+        match read::<[u8; 4]>(sk, offsets().skc_dport) {
+            Ok(pair) => {
+                let dport = u16::from_be_bytes([pair[0], pair[1]]);
+                let sport = u16::from_ne_bytes([pair[2], pair[3]]);
+                dport != info.dport || sport != info.sport
+            }
+            Err(_) => false,
+        }
+    } else {
+        false
+    };
+    if !stale {
+        return true;
+    }
+    if let Some(nest) = Nest::enter() {
+        if info.flags & CONN_F_FINAL == 0 {
+            retire(ctx, &nest, sk as u64, info);
+        } else if !super::closed_events::submit(ctx, &nest, sk as u64, info, None) {
+            count(NETFLOW_STAT_STALE_LOST);
+        }
+    }
+    let _ = NETFLOW_CONNS.remove(&(sk as u64));
+    false
+}
+
 /// A datagram on an unconnected UDP socket. Sends are counted now, with the peer recorded at
 /// syscall entry; receives when the syscall returns, once the peer address is written.
-fn unconnected_udp(sock: u64, template: &ConnInfo, sent: u64, recv: u64, nest: &Nest) {
+fn unconnected_udp(
+    ctx: *mut c_void,
+    sock: u64,
+    template: &ConnInfo,
+    sent: u64,
+    recv: u64,
+    nest: &Nest,
+) {
     let thread = bpf_get_current_pid_tgid();
     if sent > 0 {
         // SAFETY: a copy out of the map value.
         if let Some(peer) = unsafe { UDP_SEND_PEER.get(&thread) }.copied() {
             let _ = UDP_SEND_PEER.remove(&thread);
-            udp_flow(sock, template, &peer, sent, 0, nest);
+            udp_flow(ctx, sock, template, &peer, sent, 0, nest);
         }
     } else if let Some(call) = UDP_RECV.get_ptr_mut(&thread) {
         // SAFETY: this thread's own entry.
@@ -643,7 +774,15 @@ fn unconnected_udp(sock: u64, template: &ConnInfo, sent: u64, recv: u64, nest: &
 /// Adds to the (socket, peer) flow, creating it: a flow begun by a receive is incoming.
 // Inlined: BPF calls take at most five arguments.
 #[inline(always)]
-fn udp_flow(sock: u64, template: &ConnInfo, peer: &Peer, sent: u64, recv: u64, nest: &Nest) {
+fn udp_flow(
+    ctx: *mut c_void,
+    sock: u64,
+    template: &ConnInfo,
+    peer: &Peer,
+    sent: u64,
+    recv: u64,
+    nest: &Nest,
+) {
     let key = UdpFlowKey {
         sock,
         peer: peer.addr,
@@ -652,12 +791,20 @@ fn udp_flow(sock: u64, template: &ConnInfo, peer: &Peer, sent: u64, recv: u64, n
     };
     if let Some(info) = NETFLOW_UDP.get_ptr_mut(&key) {
         // SAFETY: map value of this flow.
-        unsafe {
-            add(&mut (*info).bytes_sent, sent);
-            add(&mut (*info).bytes_recv, recv);
-            (*info).last_ns = bpf_ktime_get_ns();
+        let info = unsafe { &mut *info };
+        // The same local port and address: this socket's flow. Otherwise the socket that had
+        // this memory is gone (UDP has no event for it): its flow is handed over as final.
+        if info.sport == template.sport && info.saddr == template.saddr {
+            add(&mut info.bytes_sent, sent);
+            add(&mut info.bytes_recv, recv);
+            info.last_ns = unsafe { bpf_ktime_get_ns() };
+            return;
         }
-        return;
+        info.flags |= CONN_F_FINAL;
+        if !super::closed_events::submit(ctx, nest, sock, info, Some(peer)) {
+            count(NETFLOW_STAT_STALE_LOST);
+        }
+        let _ = NETFLOW_UDP.remove(&key);
     }
     // Slot 1 of this level (slot 0 may hold `template`).
     let Some(info) = nest.scratch(1) else {
@@ -778,9 +925,24 @@ pub fn netflow_recv_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if let Some(template) = describe(call.sock as *const u8, &nest) {
-        udp_flow(call.sock, template, &peer, 0, call.bytes, &nest);
+        udp_flow(
+            ctx.as_ptr(),
+            call.sock,
+            template,
+            &peer,
+            0,
+            call.bytes,
+            &nest,
+        );
     }
     0
+}
+
+/// Inserts a new entry over whatever the map holds for `key`; counts a full map.
+fn replace(key: u64, info: &ConnInfo) {
+    if NETFLOW_CONNS.insert(&key, info, 0).is_err() {
+        count(NETFLOW_STAT_MAP_FULL);
+    }
 }
 
 /// Inserts a new entry; counts a full map.

@@ -12,8 +12,8 @@ use std::{
 };
 
 use ebpf_common::netflow::{
-    AF_INET6, CONN_F_CLOSED, CONN_F_ESTABLISHED, CONN_F_INCOMING, CONN_F_OUTGOING, ClosedConn,
-    ConnInfo, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET6, CONN_F_CONNECTING, CONN_F_ESTABLISHED, CONN_F_FINAL, CONN_F_INCOMING,
+    CONN_F_OUTGOING, ClosedConn, ConnInfo, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -125,7 +125,7 @@ impl Tracker {
         let mut finals: Vec<(u64, ConnInfo)> = closed.iter().map(|c| (c.sock, c.info)).collect();
         for sample in live {
             let info = &sample.info;
-            if info.flags & CONN_F_CLOSED != 0 {
+            if info.flags & CONN_F_FINAL != 0 {
                 finals.push((sample.sock, *info));
                 delete.push(sample.sock);
                 continue;
@@ -157,7 +157,10 @@ impl Tracker {
             self.closed_recently[0].insert(id);
             stats.closed += 1;
             let (mut delta, domain) = self.take(id, &info);
-            delta.closed = info.protocol == IPPROTO_TCP;
+            // A connect() that never established (refused, timed out) closed no connection.
+            let failed_connect =
+                info.flags & CONN_F_CONNECTING != 0 && info.flags & CONN_F_ESTABLISHED == 0;
+            delta.closed = info.protocol == IPPROTO_TCP && !failed_connect;
             self.add(&mut rows, &mut stats, resolver, &info, delta, domain);
         }
         // Entries that left the map without a close record (evicted) are forgotten. The caller
@@ -524,6 +527,44 @@ mod tests {
     }
 
     const EST_OUT: u32 = CONN_F_ESTABLISHED | CONN_F_OUTGOING;
+    /// A socket that reached CLOSE and was destroyed.
+    const FINAL: u32 = ebpf_common::netflow::CONN_F_CLOSED | CONN_F_FINAL;
+
+    fn record(sock: u64, info: ConnInfo) -> ClosedConn {
+        ClosedConn {
+            sock,
+            info,
+            ..ClosedConn::default()
+        }
+    }
+
+    #[test]
+    fn reads_after_close_count_until_the_socket_is_destroyed() {
+        let mut t = Tracker::new(options());
+        let mut c = conn(40000, 80, EST_OUT);
+        c.bytes_recv = 100;
+        run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        // A reset: CLOSE, but what arrived before it is still read.
+        c.flags |= ebpf_common::netflow::CONN_F_CLOSED;
+        c.bytes_recv = 300;
+        let p = run(&mut t, &[ConnSample { sock: 1, info: c }], &[]);
+        assert_eq!(field(&p[0], "bytes_read"), 200);
+        assert_eq!(field(&p[0], "tcp_closed"), 0);
+        assert_eq!(t.tracked(), 1);
+        c.bytes_recv = 350;
+        c.flags |= CONN_F_FINAL;
+        let p = run(&mut t, &[], &[record(1, c)]);
+        assert_eq!(field(&p[0], "bytes_read"), 50);
+        assert_eq!(field(&p[0], "tcp_closed"), 1);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn failed_connect_closes_no_connection() {
+        let mut t = Tracker::new(options());
+        let c = conn(40000, 80, CONN_F_CONNECTING | FINAL);
+        assert!(run(&mut t, &[], &[record(1, c)]).is_empty());
+    }
 
     #[test]
     fn deltas_over_intervals_add_up_and_close_is_counted_once() {
@@ -549,8 +590,8 @@ mod tests {
         // No activity: no row.
         assert!(run(&mut t, &[ConnSample { sock: 1, info: c }], &[]).is_empty());
         c.bytes_recv = 1500;
-        c.flags |= CONN_F_CLOSED;
-        let p4 = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
+        c.flags |= FINAL;
+        let p4 = run(&mut t, &[], &[record(1, c)]);
         assert_eq!(field(&p4[0], "bytes_read"), 500);
         assert_eq!(field(&p4[0], "tcp_closed"), 1);
         assert_eq!(t.tracked(), 0);
@@ -561,10 +602,10 @@ mod tests {
     #[test]
     fn opened_and_closed_within_an_interval() {
         let mut t = Tracker::new(options());
-        let mut c = conn(40000, 80, EST_OUT | CONN_F_CLOSED);
+        let mut c = conn(40000, 80, EST_OUT | FINAL);
         c.bytes_sent = 10;
         c.bytes_recv = 20;
-        let p = run(&mut t, &[], &[ClosedConn { sock: 9, info: c }]);
+        let p = run(&mut t, &[], &[record(9, c)]);
         assert_eq!(p.len(), 1);
         assert_eq!(
             [
@@ -784,7 +825,7 @@ mod tests {
     #[test]
     fn closed_flag_in_the_map_is_collected_and_deleted() {
         let mut t = Tracker::new(options());
-        let mut c = conn(40000, 80, EST_OUT | CONN_F_CLOSED);
+        let mut c = conn(40000, 80, EST_OUT | FINAL);
         c.bytes_sent = 3;
         let tags = GlobalTags::from_pairs(&[]);
         let mut resolver = FakeResolver { listening: vec![] };
@@ -816,7 +857,7 @@ mod tests {
             let p = if i < 2 {
                 run(&mut t, &[ConnSample { sock: 1, info: c }], &[])
             } else {
-                run(&mut t, &[], &[ClosedConn { sock: 1, info: c }])
+                run(&mut t, &[], &[record(1, c)])
             };
             for p in &p {
                 sent += field(p, "bytes_written");
@@ -833,9 +874,9 @@ mod tests {
     #[test]
     fn pre_existing_connection_closing_is_closed_but_not_established() {
         let mut t = Tracker::new(options());
-        let mut c = conn(40000, 80, CONN_F_CLOSED);
+        let mut c = conn(40000, 80, FINAL);
         c.bytes_sent = 5;
-        let p = run(&mut t, &[], &[ClosedConn { sock: 1, info: c }]);
+        let p = run(&mut t, &[], &[record(1, c)]);
         assert_eq!(
             (field(&p[0], "tcp_established"), field(&p[0], "tcp_closed")),
             (0, 1)

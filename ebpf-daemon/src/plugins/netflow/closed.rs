@@ -211,6 +211,9 @@ mod tests {
                 bytes_sent: 1_234_567,
                 ..Default::default()
             },
+            peer_port: 53,
+            udp_flow: 1,
+            ..Default::default()
         };
         // SAFETY: plain-data record viewed as bytes.
         let bytes: [u8; size_of::<ClosedConn>()] = unsafe { std::mem::transmute(record) };

@@ -15,10 +15,10 @@ use aya::{
     programs::{BtfTracePoint, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLASSIC_IO_LAYOUT, CONN_F_CLOSED, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
+    CLASSIC_IO_LAYOUT, CONN_F_FINAL, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
     NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
-    NETFLOW_STAT_RINGBUF_FULL, OFFSETS_GLOBAL, STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets,
-    UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
+    NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, OFFSETS_GLOBAL, STATS_MAP,
+    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tracing::{debug, info, warn};
 
@@ -72,6 +72,10 @@ const LOSSES: &[(u32, &str)] = &[
         NETFLOW_STAT_NESTED,
         "events skipped: programs nested too deep on one CPU",
     ),
+    (
+        NETFLOW_STAT_STALE_LOST,
+        "entries of freed sockets replaced before their last counts left: ring or perf buffer full",
+    ),
 ];
 
 /// (program, BTF tracepoint) of the tracepoint tier's sends and receives.
@@ -80,10 +84,12 @@ const TP_BTF_IO: [(&str, &str); 2] = [
     ("netflow_recv", "sock_recv_length"),
 ];
 
-/// (program, BTF tracepoint) of TCP state changes and retransmits: tracepoint and fentry tiers.
-const TP_BTF_TCP: [(&str, &str); 2] = [
+/// (program, BTF tracepoint) of TCP state changes, retransmits and freed sockets: tracepoint
+/// and fentry tiers.
+const TP_BTF_TCP: [(&str, &str); 3] = [
     ("netflow_state", "inet_sock_set_state"),
     ("netflow_retransmit", "tcp_retransmit_skb"),
+    ("netflow_destroy", "tcp_destroy_sock"),
 ];
 
 /// (program, kernel function) of the fentry tier: fexit on the INET socket layer. The IPv6
@@ -124,11 +130,12 @@ const CLASSIC_IO: [(&str, &str, &str); 2] = [
     ("netflow_tp_recv", "sock", "sock_recv_length"),
 ];
 
-/// (program, group, event) of the classic tracepoints of TCP state changes and retransmits:
-/// kprobe and classic-tracepoint tiers.
-const CLASSIC_TCP: [(&str, &str, &str); 2] = [
+/// (program, group, event) of the classic tracepoints of TCP state changes, retransmits and
+/// freed sockets: kprobe and classic-tracepoint tiers.
+const CLASSIC_TCP: [(&str, &str, &str); 3] = [
     ("netflow_tp_state", "sock", "inet_sock_set_state"),
     ("netflow_tp_retransmit", "tcp", "tcp_retransmit_skb"),
+    ("netflow_tp_destroy", "tcp", "tcp_destroy_sock"),
 ];
 
 /// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
@@ -356,6 +363,10 @@ impl NetflowCollector {
         let offsets = kernel_btf
             .net_offsets()
             .context("reading struct offsets from kernel BTF")?;
+        // The probes read both ports of a UDP socket at once (`skc_portpair`).
+        if offsets.skc_num != offsets.skc_dport + 2 {
+            bail!("struct sock_common: skc_num is not right after skc_dport ({offsets:?})");
+        }
         debug!("netflow: kernel offsets {offsets:?}");
         // fexit and tp_btf programs attach by the running kernel's own type ids; a --btf file
         // (for a kernel without them) only gives offsets, and the kprobe tier needs no ids.
@@ -482,7 +493,7 @@ impl NetflowCollector {
         for (key, mut info) in self.udp_flows.iter().filter_map(Result::ok) {
             let id = udp_flow_id(&key);
             if now.saturating_sub(info.last_ns) > quiet_ns {
-                info.flags |= CONN_F_CLOSED;
+                info.flags |= CONN_F_FINAL;
             }
             udp_ids.insert(id, key);
             live.push(ConnSample { sock: id, info });
@@ -492,6 +503,12 @@ impl NetflowCollector {
         // has its record in the buffer by now, and one closing after the walk was seen live.
         self.closed.drain(closed);
         let closed_records = closed.len();
+        // A UDP flow's final record names the flow by its key: give it the flow's id.
+        for record in closed.iter_mut() {
+            if let Some(key) = record.udp_flow_key() {
+                record.sock = udp_flow_id(&key);
+            }
+        }
         self.resolver.new_interval();
         let output = self.tracker.interval(
             &live,
@@ -634,11 +651,14 @@ fn classic_tracepoint_offsets(tracefs: Option<&Path>) -> anyhow::Result<Tracepoi
     )?;
     let retransmit =
         crate::kernel::tracepoint_field_offsets(tracefs, "tcp", "tcp_retransmit_skb", &["skaddr"])?;
+    let destroy =
+        crate::kernel::tracepoint_field_offsets(tracefs, "tcp", "tcp_destroy_sock", &["skaddr"])?;
     Ok(TracepointOffsets {
         state_skaddr: state[0],
         state_oldstate: state[1],
         state_newstate: state[2],
         retransmit_skaddr: retransmit[0],
+        destroy_skaddr: destroy[0],
     })
 }
 
