@@ -656,18 +656,34 @@ fn row_totals(rows: &[&Point], pred: impl Fn(&Point) -> bool) -> Totals {
 /// row in the test's namespaces carries bytes of no case.
 #[test]
 fn lifecycles_stress_every_row_exact() {
-    use common::lifecycles::{self, Case};
     if !privileged() {
         return;
     }
+    lifecycles_stress("nf-stress", stress_flows(), &[]);
+}
+
+/// The stress suite with final records through the perf event array (a third of the flows).
+#[test]
+fn lifecycles_stress_through_the_perf_event_array() {
+    if !privileged() {
+        return;
+    }
+    let extra = ["--netflow-closed-events", "perf-event-array"];
+    lifecycles_stress("nf-stress-perf", stress_flows() / 3, &extra);
+}
+
+fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
+    use common::lifecycles::{self, Case};
     let _serial = serial();
-    let dir = scratch("nf-stress");
+    let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
-    let pair = NetPair::create("stress");
+    let mut args = vec!["--netflow-udp-unconnected"];
+    args.extend_from_slice(extra);
+    let mut daemon = start(&dir, &datakit, &args);
+    let pair = NetPair::create(name);
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let started = std::time::Instant::now();
-    let cases = lifecycles::run(&pair, stress_flows());
+    let cases = lifecycles::run(&pair, flows);
     let flows: usize = cases.iter().map(|c| c.flows).sum();
     eprintln!("{flows} flows in {:?}", started.elapsed());
 

@@ -106,7 +106,10 @@ impl Plan {
             for tier in kernel.tiers {
                 step(
                     &format!("netflow@{tier}"),
-                    format!("DKE_TEST_NETFLOW_TIER={tier} {}", bin("netflow")?),
+                    format!(
+                        "DKE_TEST_NETFLOW_TIER={tier} DKE_TEST_STRESS_FLOWS={FULL_STRESS_FLOWS} {}",
+                        bin("netflow")?
+                    ),
                 );
             }
             step(
@@ -137,6 +140,14 @@ impl Plan {
                     "DKE_TEST_EXPECT_TIERS={tiers} DKE_TEST_SKIP_TIERS={skip} DKE_TEST_AUTO_TIER={} {} --exact same_rows_at_every_tier_tcp_and_connected_udp auto_picks_a_tier_that_loses_nothing_here",
                     kernel.tiers[0],
                     bin("tiers")?
+                ),
+            );
+            // A slice of the lifecycle stress suite (every lifecycle, fewer flows), exact.
+            step(
+                "netflow-stress",
+                format!(
+                    "{first_tier} DKE_TEST_STRESS_FLOWS={SMOKE_STRESS_FLOWS} {} --exact lifecycles_stress_every_row_exact",
+                    bin("netflow")?
                 ),
             );
             // The netflow_perf object (closed connections through a perf event array), at the
@@ -179,6 +190,11 @@ impl Plan {
         Ok(steps)
     }
 }
+
+/// Flows of netflow's lifecycle stress suite in an emulated guest (about 7x slower than the
+/// host, which runs 10,000): the smoke's slice, and the full suite's.
+const SMOKE_STRESS_FLOWS: usize = 600;
+const FULL_STRESS_FLOWS: usize = 2_000;
 
 /// The httpflow test of the smoke: the first (by name) containing `smoke`, else the first
 /// containing `exact`, else the first.

@@ -153,17 +153,28 @@ pub fn run(pair: &NetPair, total: usize) -> Vec<Case> {
             plans.push((lifecycle, family));
         }
     }
-    // LongLived cases are a fixed handful of connections; the rest share the total.
+    // LongLived cases are a handful of connections and Concurrent ones at most 100 at once;
+    // the other cases share the rest of the total.
+    const LONG_LIVED: usize = 4;
+    let concurrent = (total / plans.len()).clamp(4, 100);
+    let fixed: usize = plans
+        .iter()
+        .map(|(l, _)| match l {
+            Lifecycle::LongLived => LONG_LIVED,
+            Lifecycle::Concurrent => concurrent,
+            _ => 0,
+        })
+        .sum();
     let shared = plans
         .iter()
-        .filter(|(l, _)| *l != Lifecycle::LongLived)
+        .filter(|(l, _)| !matches!(l, Lifecycle::LongLived | Lifecycle::Concurrent))
         .count();
-    let per_case = (total / shared).max(4);
+    let per_case = total.saturating_sub(fixed).div_ceil(shared).max(4);
     let mut running = Vec::new();
     for (lifecycle, family) in plans {
         let flows = match lifecycle {
-            Lifecycle::LongLived => 4,
-            Lifecycle::Concurrent => per_case.min(100),
+            Lifecycle::LongLived => LONG_LIVED,
+            Lifecycle::Concurrent => concurrent,
             _ => per_case,
         };
         running.push(start_case(pair, lifecycle, family, flows));
@@ -495,7 +506,7 @@ fn tcp_client(lifecycle: Lifecycle, stream: &TcpStream, i: usize, tally: &Tally)
         Lifecycle::ServerClosesFirst => {
             write_counted(stream, request, tally);
             // One flow in ten reads slowly, in small pieces, long after the server closed.
-            let (chunk, pause) = if i % 10 == 0 {
+            let (chunk, pause) = if i.is_multiple_of(10) {
                 (1024, Duration::from_micros(200))
             } else {
                 (64 * 1024, none)
