@@ -272,7 +272,7 @@ fn tier_support(
             if !missing.is_empty() {
                 return Err(format!("kernel BTF lacks {}", missing.join(", ")));
             }
-            Ok("fexit inet_sendmsg/inet_recvmsg (and inet6_*), tp_btf inet_sock_set_state, tcp_retransmit_skb".into())
+            Ok("fexit inet_sendmsg/inet_recvmsg (and inet6_*), tp_btf inet_sock_set_state, tcp_retransmit_skb, tcp_destroy_sock".into())
         }
         NetflowTier::Kprobe => {
             if !features.kprobes.available {
@@ -280,7 +280,7 @@ fn tier_support(
             }
             btf.map_err(|why| format!("needs BTF for struct offsets: {why}"))?;
             missing_classic(features, &CLASSIC_TCP)?;
-            Ok("kprobe+kretprobe inet_sendmsg/inet_recvmsg (and inet6_*), tracepoints sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
+            Ok("kprobe+kretprobe inet_sendmsg/inet_recvmsg (and inet6_*), tracepoints sock/inet_sock_set_state, tcp/tcp_retransmit_skb, tcp/tcp_destroy_sock".into())
         }
         NetflowTier::ClassicTracepoint => {
             btf.map_err(|why| format!("needs BTF for struct offsets: {why}"))?;
@@ -291,7 +291,7 @@ fn tier_support(
             if let Some(tracefs) = &features.tracefs_path {
                 check_classic_io_layout(tracefs).map_err(|err| format!("{err:#}"))?;
             }
-            Ok("tracepoints sock/sock_send_length, sock/sock_recv_length, sock/inet_sock_set_state, tcp/tcp_retransmit_skb".into())
+            Ok("tracepoints sock/sock_send_length, sock/sock_recv_length, sock/inet_sock_set_state, tcp/tcp_retransmit_skb, tcp/tcp_destroy_sock".into())
         }
         NetflowTier::Tracepoint => {
             let btf = btf.map_err(|why| format!("needs kernel BTF: {why}"))?;
@@ -309,7 +309,7 @@ fn tier_support(
                     missing.join(", ")
                 ));
             }
-            Ok("tp_btf sock_send_length, sock_recv_length, inet_sock_set_state, tcp_retransmit_skb".into())
+            Ok("tp_btf sock_send_length, sock_recv_length, inet_sock_set_state, tcp_retransmit_skb, tcp_destroy_sock".into())
         }
     }
 }
