@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod kretprobe;
 mod preemption;
 
 use aya::{

@@ -96,7 +96,8 @@ pub fn ensure_tracefs() -> Option<PathBuf> {
 }
 
 /// Removes probe events that a SIGKILLed run left in tracefs. aya names them
-/// `aya_<pid>_<kind>_…`; an entry whose pid is gone is stale.
+/// `aya_<pid>_<kind>_…`, our own kretprobes `dke_<pid>_r_…` (`kernel::kretprobe`); an entry
+/// whose pid is gone is stale.
 pub fn remove_stale_probe_events(tracefs: &Path) {
     for kind in ["kprobe", "uprobe"] {
         let events = tracefs.join(format!("{kind}_events"));
@@ -113,8 +114,10 @@ pub fn remove_stale_probe_events(tracefs: &Path) {
             else {
                 continue;
             };
-            let Some(pid) = event
-                .split_once("/aya_")
+            let ours = format!("/{}", crate::kernel::kretprobe::EVENT_PREFIX);
+            let Some(pid) = ["/aya_", ours.as_str()]
+                .iter()
+                .find_map(|prefix| event.split_once(prefix))
                 .and_then(|(_, rest)| rest.split('_').next())
                 .and_then(|pid| pid.parse::<u32>().ok())
             else {

@@ -100,17 +100,23 @@ fn wait_kprobes_live(datakit: &FakeDataKit, daemon: &Daemon, report_wait: Durati
 /// missed" warning (runs the kernel skipped, `recursion_misses`). 0 where the kernel runs BPF
 /// programs without preemption, as on the CI host.
 fn reported_misses(log: &str) -> i64 {
-    log.lines()
-        .filter(|line| line.contains("netflow: ") && line.contains("calls missed"))
-        .filter_map(|line| {
-            line.rsplit("(total ")
-                .next()?
-                .strip_suffix(')')?
-                .parse()
-                .ok()
+    // Runs skipped, and (kprobe tier) send returns the kretprobe missed: each a running total.
+    ["calls missed", "sends not counted"]
+        .iter()
+        .map(|kind| {
+            log.lines()
+                .filter(|line| line.contains("netflow: ") && line.contains(kind))
+                .filter_map(|line| {
+                    line.rsplit("(total ")
+                        .next()?
+                        .strip_suffix(')')?
+                        .parse::<i64>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
         })
-        .max()
-        .unwrap_or(0)
+        .sum()
 }
 
 fn netflow(points: &[Point]) -> Vec<&Point> {
@@ -682,6 +688,15 @@ fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
     let mut daemon = start(&dir, &datakit, &args);
     let pair = NetPair::create(name);
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let addresses: Vec<String> = [
+        IpAddr::from(pair.a_v4),
+        pair.b_v4.into(),
+        pair.a_v6.into(),
+        pair.b_v6.into(),
+    ]
+    .iter()
+    .map(IpAddr::to_string)
+    .collect();
     let started = std::time::Instant::now();
     let cases = lifecycles::run(&pair, flows);
     let flows: usize = cases.iter().map(|c| c.flows).sum();
@@ -725,9 +740,12 @@ fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
         }
         // Bytes on rows of the test's namespaces that belong to no case.
         for p in &rows {
+            // By namespace and address: a namespace's inode number is reused once it is gone
+            // (the kprobe warm-up's pair had the same ones, with other addresses).
             let ours = [client_ns, server_ns]
                 .iter()
-                .any(|ns| p.tag("netns") == Some(ns.to_string().as_str()));
+                .any(|ns| p.tag("netns") == Some(ns.to_string().as_str()))
+                && addresses.iter().any(|ip| p.tag("src_ip") == Some(ip.as_str()));
             let known = cases.iter().any(|c| client_row(c, p) || server_row(c, p));
             let bytes = p.int("bytes_written").unwrap_or(0) + p.int("bytes_read").unwrap_or(0);
             if ours && !known && bytes > 0 {
@@ -753,6 +771,23 @@ fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
     } else {
         bad
     };
+    // Exact, unless the daemon reported calls its programs never saw (kernels that preempt BPF
+    // programs, at tiers `auto` avoids there): then each wrong end or stray row must be one the
+    // misses can explain.
+    let missed = reported_misses(&daemon.log_text());
+    if missed > 0 && !bad.is_empty() {
+        eprintln!(
+            "{} ends or rows differ, with {missed} calls reported missed:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+        assert!(
+            bad.len() as i64 <= 2 * missed,
+            "more differences than the reported misses explain"
+        );
+        assert!(daemon.terminate().success());
+        return;
+    }
     assert!(
         bad.is_empty(),
         "{} of {} ends wrong ({flows} flows, tier {}):\n{}\nlog:\n{}",

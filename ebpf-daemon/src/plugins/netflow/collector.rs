@@ -31,7 +31,10 @@ use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
     clock,
     config::{ClosedEvents, Config, NetflowTier},
-    kernel::KernelFeatures,
+    kernel::{
+        KernelFeatures,
+        kretprobe::{self, Kretprobe},
+    },
     plugins::PluginContext,
     plugins::dnsflow::domains::DomainCache,
     plugins::losses::KernelLosses,
@@ -343,6 +346,9 @@ pub struct NetflowCollector {
     losses: KernelLosses,
     /// Program runs the kernel skipped (`recursion_misses`): calls not counted.
     misses: Misses,
+    /// The kprobe tier's kretprobes (removed on drop), and the returns they missed so far.
+    kretprobes: Vec<Kretprobe>,
+    kretprobe_missed: u64,
     tracker: Tracker,
     resolver: ProcResolver,
 }
@@ -399,7 +405,7 @@ impl NetflowCollector {
                 _ => OBJECT,
             })
             .context("loading the netflow object")?;
-        attach_tier(&mut ebpf, tier.tier, btf.as_ref())?;
+        let kretprobes = attach_tier(&mut ebpf, tier.tier, btf.as_ref(), tracefs)?;
         // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
         // each, measured by `cargo xtask bench`): only when asked for.
         let syscall_programs: &[_] = if config.netflow_udp_unconnected {
@@ -443,6 +449,8 @@ impl NetflowCollector {
             closed,
             losses: KernelLosses::new("netflow", stats, LOSSES),
             misses,
+            kretprobes,
+            kretprobe_missed: 0,
             tracker: Tracker::new(options),
             resolver: ProcResolver::new(config.host_proc.clone()),
         })
@@ -467,6 +475,7 @@ impl NetflowCollector {
                     self.report(&ctx, &mut closed);
                     self.losses.report();
                     self.misses.report(&self.ebpf);
+                    self.report_kretprobe_misses();
                 }
                 _ = ctx.shutdown.changed() => break,
             }
@@ -475,7 +484,22 @@ impl NetflowCollector {
         self.report(&ctx, &mut closed);
         self.losses.report();
         self.misses.report(&self.ebpf);
+        self.report_kretprobe_misses();
         Ok(())
+    }
+
+    /// Sends not counted because every kretprobe instance was taken (the kernel's count).
+    fn report_kretprobe_misses(&mut self) {
+        let total: u64 = self.kretprobes.iter().filter_map(Kretprobe::missed).sum();
+        if total > self.kretprobe_missed {
+            warn!(
+                "netflow: {} sends not counted: more threads inside a send at once than the \
+                 kretprobe's {} instances (total {total})",
+                total - self.kretprobe_missed,
+                kretprobe::MAX_ACTIVE
+            );
+            self.kretprobe_missed = total;
+        }
     }
 
     fn report(&mut self, ctx: &PluginContext, closed: &mut Vec<ClosedConn>) {
@@ -546,8 +570,14 @@ impl NetflowCollector {
 
 /// Loads and attaches the programs of `tier` (the syscall tracepoints for unconnected UDP are
 /// attached separately: every tier uses them).
-fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow::Result<()> {
+fn attach_tier(
+    ebpf: &mut Ebpf,
+    tier: NetflowTier,
+    btf: Option<&Btf>,
+    tracefs: Option<&Path>,
+) -> anyhow::Result<Vec<Kretprobe>> {
     let mut tp_btf = Vec::new();
+    let mut kretprobes = Vec::new();
     let kernel_btf = || btf.context("the running kernel's BTF");
     match tier {
         NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
@@ -584,14 +614,23 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow:
                 let program: &mut KProbe = program_as(ebpf, name)?;
                 program.load().with_context(|| format!("loading {name}"))?;
                 for function in functions {
-                    match program.attach(function, 0) {
-                        Ok(_) => {}
+                    let attached = match tracefs {
+                        // Room for every thread that may be inside a send at once.
+                        Some(tracefs) if is_return => {
+                            Kretprobe::attach(tracefs, program, function, kretprobe::MAX_ACTIVE)
+                                .map(|probe| kretprobes.push(probe))
+                        }
+                        _ => program.attach(function, 0).map(drop).map_err(Into::into),
+                    };
+                    match attached {
+                        Ok(()) => {}
                         Err(err) if function.starts_with("inet6_") => {
                             warn!("netflow: IPv6 not counted: {kind}/{function}: {err}")
                         }
                         Err(err) => {
-                            return Err(anyhow::Error::from(err)
-                                .context(format!("attaching {name} to {kind}/{function}")));
+                            return Err(
+                                err.context(format!("attaching {name} to {kind}/{function}"))
+                            );
                         }
                     }
                 }
@@ -610,7 +649,7 @@ fn attach_tier(ebpf: &mut Ebpf, tier: NetflowTier, btf: Option<&Btf>) -> anyhow:
             .attach()
             .with_context(|| format!("attaching {name} to tp_btf/{tracepoint}"))?;
     }
-    Ok(())
+    Ok(kretprobes)
 }
 
 fn attach_classic(ebpf: &mut Ebpf, name: &str, group: &str, event: &str) -> anyhow::Result<()> {
