@@ -29,6 +29,16 @@ fn emulated() -> bool {
 }
 
 fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon {
+    start_env(dir, datakit, extra, &[])
+}
+
+/// `start` with these environment variables (the daemon's environment is otherwise empty).
+fn start_env(
+    dir: &std::path::Path,
+    datakit: &FakeDataKit,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
     let apiserver = datakit.addr().to_string();
     let tier = tier();
     let mut args = vec![
@@ -49,7 +59,7 @@ fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon
         "debug",
     ];
     args.extend_from_slice(extra);
-    let mut daemon = Daemon::start(dir, &args);
+    let mut daemon = Daemon::start_with(dir, &args, env, std::process::Stdio::null());
     daemon.wait_log(
         &format!("netflow: attached at the {tier} tier"),
         Duration::from_secs(60),
@@ -583,18 +593,45 @@ fn external_btf_file_is_used() {
     );
 }
 
-/// Unconnected UDP sockets on both ends (sendto/recvfrom), with the opt-in peer tracking: each
-/// end's flow is counted, the server's as incoming.
+/// The log line saying unconnected UDP is counted through the cgroup programs (the default).
+const UDP_PEERS_CGROUP: &str = "netflow: unconnected UDP counted through cgroup programs";
+/// ... through the syscall tracepoints.
+const UDP_PEERS_SYSCALLS: &str = "netflow: unconnected UDP counted through syscall tracepoints";
+/// The environment that forces the syscall tracepoints.
+const FORCE_SYSCALLS: (&str, &str) = ("DKE_NETFLOW_UDP_PEERS", "syscalls");
+
+/// Unconnected UDP sockets on both ends (sendto/recvfrom), without any UDP flag: counted by
+/// default, through the cgroup programs. Each end's flow is exact, the server's incoming.
 #[test]
 fn udp_unconnected_both_ends_exact_bytes() {
     if !privileged() {
         return;
     }
+    udp_unconnected_both_ends("nf-udp2", &[], &[], UDP_PEERS_CGROUP);
+}
+
+/// The same through the syscall tracepoints (forced; what runs where the cgroup programs cannot
+/// attach and `--netflow-udp-unconnected` is given).
+#[test]
+fn udp_unconnected_through_syscall_tracepoints_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let args = ["--netflow-udp-unconnected"];
+    udp_unconnected_both_ends("nf-udp2-sys", &args, &[FORCE_SYSCALLS], UDP_PEERS_SYSCALLS);
+}
+
+fn udp_unconnected_both_ends(name: &str, args: &[&str], env: &[(&str, &str)], mechanism: &str) {
     let _serial = serial();
-    let dir = scratch("nf-udp2");
+    let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
-    let pair = NetPair::create("udp2");
+    let mut daemon = start_env(&dir, &datakit, args, env);
+    assert!(
+        daemon.log_text().contains(mechanism),
+        "{}",
+        daemon.log_text()
+    );
+    let pair = NetPair::create(name);
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let (client_addr, server_addr) = netns::udp_exchange(
@@ -624,6 +661,59 @@ fn udp_unconnected_both_ends_exact_bytes() {
         Some(server_addr.port().to_string().as_str())
     );
     assert_ne!(client_addr.port(), 0);
+    assert!(daemon.terminate().success());
+}
+
+/// `--netflow-udp-unconnected-disabled`: neither end of an unconnected exchange is counted
+/// (the client of a connected exchange still is, and marks a report made after the exchange).
+#[test]
+fn udp_unconnected_disabled_is_not_counted() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp-off");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected-disabled"]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("netflow: unconnected UDP not counted (--netflow-udp-unconnected-disabled)"),
+        "{}",
+        daemon.log_text()
+    );
+    let pair = NetPair::create("udp-off");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let (_, unconnected_server) = netns::udp_exchange(&pair, server_ip, 0, &[100, 1000], &[10, 20]);
+    let (_, connected_server) =
+        netns::udp_connected_exchange(&pair, server_ip, &[300, 400], &[30, 40]);
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let connected_client = |p: &Point| {
+        udp(p)
+            && is_row(p, client_ip, server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(connected_server.port().to_string().as_str())
+    };
+    wait_total(&datakit, &daemon, "bytes_written", 700, connected_client);
+    // One more interval: what the unconnected sockets did would be in it at the latest.
+    std::thread::sleep(Duration::from_secs(3));
+    let points = datakit.points();
+    let rows = netflow(&points);
+    let unconnected_client = |p: &Point| {
+        udp(p)
+            && is_row(p, client_ip, server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(unconnected_server.port().to_string().as_str())
+    };
+    // Both servers' sockets are unconnected.
+    let server = |p: &Point| udp(p) && p.tag("netns") == Some(server_ns.to_string().as_str());
+    let uncounted: Vec<_> = rows
+        .iter()
+        .filter(|p| unconnected_client(p) || server(p))
+        .collect();
+    assert!(
+        uncounted.is_empty(),
+        "rows of unconnected UDP: {uncounted:#?}"
+    );
     assert!(daemon.terminate().success());
 }
 
@@ -659,27 +749,27 @@ fn lifecycles_stress_every_row_exact() {
     if !privileged() {
         return;
     }
-    lifecycles_stress("nf-stress", stress_flows(), &[]);
+    lifecycles_stress("nf-stress", stress_flows(), &[], &[]);
 }
 
-/// The stress suite with final records through the perf event array (a third of the flows).
+/// The stress suite with final records through the perf event array (a third of the flows),
+/// and unconnected UDP peers from the syscall tracepoints (forced): both stay exact.
 #[test]
 fn lifecycles_stress_through_the_perf_event_array() {
     if !privileged() {
         return;
     }
     let extra = ["--netflow-closed-events", "perf-event-array"];
-    lifecycles_stress("nf-stress-perf", stress_flows() / 3, &extra);
+    let env = [FORCE_SYSCALLS];
+    lifecycles_stress("nf-stress-perf", stress_flows() / 3, &extra, &env);
 }
 
-fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
+fn lifecycles_stress(name: &str, flows: usize, extra: &[&str], env: &[(&str, &str)]) {
     use common::lifecycles::{self, Case};
     let _serial = serial();
     let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut args = vec!["--netflow-udp-unconnected"];
-    args.extend_from_slice(extra);
-    let mut daemon = start(&dir, &datakit, &args);
+    let mut daemon = start_env(&dir, &datakit, extra, env);
     let pair = NetPair::create(name);
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let started = std::time::Instant::now();
@@ -773,7 +863,7 @@ fn unbound_udp_client_exact_bytes(name: &str, client_bind: IpAddr, server_v6: bo
     let _serial = serial();
     let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
+    let mut daemon = start(&dir, &datakit, &[]);
     let pair = NetPair::create(name);
     let server_ip: IpAddr = if server_v6 {
         pair.b_v6.into()
