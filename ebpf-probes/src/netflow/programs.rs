@@ -784,23 +784,27 @@ fn unconnected_udp(
     nest: &Nest,
 ) {
     let thread = bpf_get_current_pid_tgid();
+    // The peer and its socket are copied out field by field, not as a whole PeerCall: these
+    // programs' stack is tight on some verifiers (see SCRATCH).
     if sent > 0 {
-        // SAFETY: a copy out of the map value.
-        if let Some(call) = unsafe { UDP_SEND_PEER.get(&thread) }.copied() {
+        if let Some(call) = UDP_SEND_PEER.get_ptr(&thread) {
+            // SAFETY: copies out of this thread's entry.
+            let (sk, peer) = unsafe { ((*call).sk, (*call).peer) };
             let _ = UDP_SEND_PEER.remove(&thread);
             // A peer recorded for another socket is left from a call that failed after it.
-            if call.sk == 0 || call.sk == sock {
-                udp_flow(ctx, sock, template, &call.peer, sent, 0, nest);
+            if sk == 0 || sk == sock {
+                udp_flow(ctx, sock, template, &peer, sent, 0, nest);
             }
         }
     } else if udp_peers() == UDP_PEERS_CGROUP {
-        // SAFETY: a copy out of the map value.
-        if let Some(call) = unsafe { UDP_RECV_PEER.get(&thread) }.copied() {
+        if let Some(call) = UDP_RECV_PEER.get_ptr(&thread) {
+            // SAFETY: copies out of this thread's entry.
+            let (sk, peer) = unsafe { ((*call).sk, (*call).peer) };
             let _ = UDP_RECV_PEER.remove(&thread);
             // Another socket's: left from a receive that was not counted (a peek, an empty
             // datagram). A receive without the address asked for has no peer: not counted.
-            if call.sk == sock {
-                udp_flow(ctx, sock, template, &call.peer, 0, recv, nest);
+            if sk == sock {
+                udp_flow(ctx, sock, template, &peer, 0, recv, nest);
             }
         }
     } else if let Some(call) = UDP_RECV.get_ptr_mut(&thread) {
