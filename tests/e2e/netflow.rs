@@ -39,6 +39,17 @@ fn start_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Daemon {
+    start_wrapped(dir, datakit, &[], extra, env)
+}
+
+/// `start_env` through `wrapper` (see `Daemon::start_wrapped`).
+fn start_wrapped(
+    dir: &std::path::Path,
+    datakit: &FakeDataKit,
+    wrapper: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
     let apiserver = datakit.addr().to_string();
     let tier = tier();
     let mut args = vec![
@@ -59,7 +70,7 @@ fn start_env(
         "debug",
     ];
     args.extend_from_slice(extra);
-    let mut daemon = Daemon::start_with(dir, &args, env, std::process::Stdio::null());
+    let mut daemon = Daemon::start_wrapped(dir, wrapper, &args, env, std::process::Stdio::null());
     daemon.wait_log(
         &format!("netflow: attached at the {tier} tier"),
         Duration::from_secs(60),
@@ -621,11 +632,46 @@ fn udp_unconnected_through_syscall_tracepoints_exact_bytes() {
     udp_unconnected_both_ends("nf-udp2-sys", &args, &[FORCE_SYSCALLS], UDP_PEERS_SYSCALLS);
 }
 
+/// With no cgroup2 mounted (the daemon runs in a mount namespace of its own without any), the
+/// daemon mounts one at /run/datakit-ebpf/cgroup2: the same hierarchy's root, every socket.
+#[test]
+fn udp_unconnected_through_a_cgroup2_mounted_by_the_daemon() {
+    if !privileged() {
+        return;
+    }
+    // Unmounts every cgroup2 of the new namespace, then becomes the daemon.
+    let script = r#"for m in $(/usr/bin/awk '$(NF-2) == "cgroup2" { print $5 }' /proc/self/mountinfo); do /usr/bin/umount "$m" || exit 1; done; exec "$0" "$@""#;
+    let wrapper = [
+        "/usr/bin/unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        script,
+    ];
+    let mechanism = "cgroup v2 root /run/datakit-ebpf/cgroup2 (mounted now: no cgroup2 was)";
+    udp_unconnected_both_ends_via("nf-udp2-mnt", &wrapper, &[], &[], mechanism);
+    // The mount was the namespace's; its (empty) directory is left on the host.
+    let _ = std::fs::remove_dir("/run/datakit-ebpf/cgroup2");
+    let _ = std::fs::remove_dir("/run/datakit-ebpf");
+}
+
 fn udp_unconnected_both_ends(name: &str, args: &[&str], env: &[(&str, &str)], mechanism: &str) {
+    udp_unconnected_both_ends_via(name, &[], args, env, mechanism)
+}
+
+fn udp_unconnected_both_ends_via(
+    name: &str,
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    mechanism: &str,
+) {
     let _serial = serial();
     let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start_env(&dir, &datakit, args, env);
+    let mut daemon = start_wrapped(&dir, &datakit, wrapper, args, env);
     assert!(
         daemon.log_text().contains(mechanism),
         "{}",
@@ -662,6 +708,158 @@ fn udp_unconnected_both_ends(name: &str, args: &[&str], env: &[(&str, &str)], me
     );
     assert_ne!(client_addr.port(), 0);
     assert!(daemon.terminate().success());
+}
+
+/// `sendmmsg`/`recvmmsg` batches on unconnected sockets: the cgroup programs run for each
+/// datagram of a batch, so each is credited to its peer (the syscall tracepoints cannot: they
+/// are not hooked on the batch calls).
+#[test]
+fn udp_unconnected_batches_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp-mmsg");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("udp-mmsg");
+    let (client_ip, server_ip) = (pair.a_v4, pair.b_v4);
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let server_sock = pair
+        .b
+        .run(move || std::net::UdpSocket::bind((server_ip, 0)).unwrap());
+    let client_sock = pair
+        .a
+        .run(move || std::net::UdpSocket::bind((client_ip, 0)).unwrap());
+    let server_addr = server_sock.local_addr().unwrap();
+    let client_addr = client_sock.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let got = mmsg::recv(&server_sock, 3);
+        let sizes: Vec<usize> = got.iter().map(|(n, _)| *n).collect();
+        assert_eq!(sizes, [100, 200, 300]);
+        assert!(got.iter().all(|(_, from)| *from == client_addr), "{got:?}");
+        mmsg::send(&server_sock, client_addr, &[10, 20, 30]);
+    });
+    mmsg::send(&client_sock, server_addr, &[100, 200, 300]);
+    let got = mmsg::recv(&client_sock, 3);
+    assert_eq!(got.iter().map(|(n, _)| *n).sum::<usize>(), 60);
+    server.join().unwrap();
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (client_ip.into(), server_ip.into());
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
+    wait_total(&datakit, &daemon, "bytes_written", 600, client);
+    wait_total(&datakit, &daemon, "bytes_read", 60, client);
+    wait_total(&datakit, &daemon, "bytes_read", 600, server);
+    wait_total(&datakit, &daemon, "bytes_written", 60, server);
+    assert!(daemon.terminate().success());
+}
+
+/// `sendmmsg`/`recvmmsg` on IPv4 UDP sockets, each datagram with its own address.
+mod mmsg {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+        os::fd::AsRawFd as _,
+    };
+
+    fn sockaddr(addr: SocketAddr) -> libc::sockaddr_in {
+        let SocketAddr::V4(addr) = addr else {
+            panic!("IPv4 only: {addr}")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+
+    /// One `sendmmsg` of datagrams of `sizes` to `to`.
+    pub fn send(sock: &UdpSocket, to: SocketAddr, sizes: &[usize]) {
+        let mut name = sockaddr(to);
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xa5; n]).collect();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: plain C structs, all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: every pointer refers to memory that outlives the call.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as _, 0) };
+        assert_eq!(
+            n,
+            sizes.len() as i32,
+            "sendmmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// `recvmmsg` until `count` datagrams came: (size, source) of each.
+    pub fn recv(sock: &UdpSocket, count: usize) -> Vec<(usize, SocketAddr)> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            let want = count - got.len();
+            // SAFETY: plain C structs, all-zero is valid.
+            let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; want];
+            let mut bufs = vec![vec![0u8; 65536]; want];
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .zip(names.iter_mut())
+                .map(|(iov, name)| {
+                    // SAFETY: as above.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = (name as *mut libc::sockaddr_in).cast();
+                    m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let mut timeout = libc::timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            };
+            // SAFETY: every pointer refers to memory that outlives the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    want as _,
+                    libc::MSG_WAITFORONE,
+                    &mut timeout,
+                )
+            };
+            assert!(n > 0, "recvmmsg: {}", std::io::Error::last_os_error());
+            for (m, name) in msgs.iter().zip(&names).take(n as usize) {
+                let ip = Ipv4Addr::from(name.sin_addr.s_addr.to_ne_bytes());
+                let from = SocketAddrV4::new(ip, u16::from_be(name.sin_port));
+                got.push((m.msg_len as usize, from.into()));
+            }
+        }
+        got
+    }
 }
 
 /// `--netflow-udp-unconnected-disabled`: neither end of an unconnected exchange is counted
