@@ -297,8 +297,9 @@ fn main() {
     // (name, arguments, environment). Unconnected UDP is counted by default through cgroup
     // programs, which run only for UDP calls that carry an address; the third configuration
     // forces the syscall tracepoints, which every send and receive call pays for.
-    let syscalls: &[(&str, &str)] = &[("DKE_NETFLOW_UDP_PEERS", "syscalls")];
-    let configs: [(&str, Vec<&str>, &[(&str, &str)]); 3] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let syscalls: Env = &[("DKE_NETFLOW_UDP_PEERS", "syscalls")];
+    let configs: [(&str, Vec<&str>, Env); 3] = [
         ("netflow", daemon_args(), &[]),
         (
             "ebpf-net as deployed (netflow + dnsflow's packet tap)",
