@@ -14,9 +14,18 @@ pub const UDP_FLOWS_MAP: &str = "NETFLOW_UDP";
 pub const CLOSED_MAP: &str = "NETFLOW_CLOSED";
 /// Name of the per-CPU counter array (`NETFLOW_STAT_*` indices).
 pub const STATS_MAP: &str = "NETFLOW_STATS";
-/// Name of the read-only u32 global: non-zero when unconnected UDP is counted
-/// (`--netflow-udp-unconnected`); when zero the probes drop such sockets after two reads.
+/// Name of the read-only u32 global: how unconnected UDP sockets' peers are learnt, one of
+/// [`UDP_PEERS_OFF`], [`UDP_PEERS_SYSCALLS`], [`UDP_PEERS_CGROUP`]; off, the probes drop such
+/// sockets after two reads.
 pub const UDP_UNCONNECTED_GLOBAL: &str = "NETFLOW_UDP_UNCONNECTED";
+/// Unconnected UDP is not counted (`--netflow-udp-unconnected-disabled`, or no mechanism).
+pub const UDP_PEERS_OFF: u32 = 0;
+/// Peers from the `sendto`/`sendmsg`/`recvfrom`/`recvmsg` syscall tracepoints (every send and
+/// receive call of every socket pays for them).
+pub const UDP_PEERS_SYSCALLS: u32 = 1;
+/// Peers from cgroup `sendmsg4/6` and `recvmsg4/6` programs on the cgroup v2 root, which run
+/// only for UDP calls that carry an address.
+pub const UDP_PEERS_CGROUP: u32 = 2;
 /// Name of the read-only global holding [`NetOffsets`].
 pub const OFFSETS_GLOBAL: &str = "NET_OFFSETS";
 /// Default number of tracked connections; each costs `size_of::<ConnInfo>() + 8` bytes of map

@@ -116,9 +116,12 @@ pub struct CliArgs {
     /// Connections netflow tracks at once (kernel map size; about 200 bytes each) [default: 65536]
     #[arg(long, value_name = "N")]
     pub netflow_max_conns: Option<String>,
-    /// Count unconnected UDP sockets (sendto/recvfrom; their peers come from syscall tracepoints at every tier); costs about 100 ns per send/recv call of every socket
+    /// Count unconnected UDP sockets (sendto/recvfrom): on by default, through cgroup programs that run only for UDP calls carrying an address; given explicitly, also allows the fallback to syscall tracepoints (about 100 ns per send/recv call of every socket) where those cannot attach
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_udp_unconnected: Option<bool>,
+    /// Do not count unconnected UDP sockets (sendto/recvfrom): no cgroup programs, no syscall tracepoints
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub netflow_udp_unconnected_disabled: Option<bool>,
     /// Report loopback connections in netflow (left out by default, as the reference does)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_include_loopback: Option<bool>,

@@ -203,9 +203,15 @@ pub struct Config {
     pub httpflow_path_normalize: bool,
     /// httpflow capture tier (`--httpflow-tier`); `Auto` is fentry where trampolines work.
     pub httpflow_tier: HttpflowTier,
-    /// Count unconnected UDP sockets at the tracepoint tier (syscall tracepoints: a cost on
-    /// every send and receive call, hence off by default).
+    /// Unconnected UDP asked for explicitly (`--netflow-udp-unconnected`): it is counted by
+    /// default through cgroup programs; this also allows the fallback to syscall tracepoints (a
+    /// cost on every send and receive call of every socket) where those cannot attach.
     pub netflow_udp_unconnected: bool,
+    /// Unconnected UDP sockets are not counted (`--netflow-udp-unconnected-disabled`; wins over
+    /// `--netflow-udp-unconnected`).
+    pub netflow_udp_unconnected_disabled: bool,
+    /// How unconnected UDP peers are learnt (`DKE_NETFLOW_UDP_PEERS`, for tests and diagnosis).
+    pub netflow_udp_peers: UdpPeers,
     /// dnsflow: a query unanswered this long is reported with `rcode = -1`.
     pub dnsflow_timeout: Duration,
     /// dnsflow's reporting interval (the reference's is a fixed 30 s, whatever `interval`).
@@ -362,6 +368,8 @@ struct Layer {
     netflow_include_loopback: Option<bool>,
     dnsflow_disabled: Option<bool>,
     netflow_udp_unconnected: Option<bool>,
+    netflow_udp_unconnected_disabled: Option<bool>,
+    netflow_udp_peers: Option<UdpPeers>,
     dnsflow_timeout: Option<Duration>,
     dnsflow_interval: Option<Duration>,
     httpflow_path_normalize: Option<bool>,
@@ -416,6 +424,10 @@ impl Layer {
             netflow_udp_unconnected: higher
                 .netflow_udp_unconnected
                 .or(self.netflow_udp_unconnected),
+            netflow_udp_unconnected_disabled: higher
+                .netflow_udp_unconnected_disabled
+                .or(self.netflow_udp_unconnected_disabled),
+            netflow_udp_peers: higher.netflow_udp_peers.or(self.netflow_udp_peers),
             dnsflow_timeout: higher.dnsflow_timeout.or(self.dnsflow_timeout),
             dnsflow_interval: higher.dnsflow_interval.or(self.dnsflow_interval),
             pprof_host: higher.pprof_host.or(self.pprof_host),
@@ -560,6 +572,8 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
         httpflow_path_normalize: m.httpflow_path_normalize.unwrap_or(false),
         httpflow_tier: m.httpflow_tier.unwrap_or(HttpflowTier::Auto),
         netflow_udp_unconnected: m.netflow_udp_unconnected.unwrap_or(false),
+        netflow_udp_unconnected_disabled: m.netflow_udp_unconnected_disabled.unwrap_or(false),
+        netflow_udp_peers: m.netflow_udp_peers.unwrap_or(UdpPeers::Auto),
         dnsflow_timeout: m.dnsflow_timeout.unwrap_or(DEFAULT_DNSFLOW_TIMEOUT),
         dnsflow_interval,
         pprof_host: m.pprof_host,
@@ -790,6 +804,29 @@ fn parse_netflow_tier(s: &str) -> Result<NetflowTier, String> {
         "classic-tracepoint" => Ok(NetflowTier::ClassicTracepoint),
         other => Err(format!(
             "unknown netflow tier `{other}`; valid tiers are: auto, fentry, kprobe, tracepoint, classic-tracepoint"
+        )),
+    }
+}
+
+/// How netflow learns the peers of unconnected UDP sockets (`DKE_NETFLOW_UDP_PEERS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpPeers {
+    /// cgroup programs; where they cannot attach, syscall tracepoints if unconnected UDP was
+    /// asked for explicitly (`--netflow-udp-unconnected`), else none.
+    Auto,
+    /// Only cgroup `sendmsg4/6` and `recvmsg4/6` programs on the cgroup v2 root.
+    Cgroup,
+    /// Only the syscall tracepoints (`sendto`, `sendmsg`, `recvfrom`, `recvmsg`).
+    Syscalls,
+}
+
+fn parse_udp_peers(s: &str) -> Result<UdpPeers, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" | "" => Ok(UdpPeers::Auto),
+        "cgroup" => Ok(UdpPeers::Cgroup),
+        "syscalls" => Ok(UdpPeers::Syscalls),
+        other => Err(format!(
+            "unknown UDP peer mechanism `{other}`; valid ones are: auto, cgroup, syscalls"
         )),
     }
 }
@@ -1062,6 +1099,7 @@ fn layer_from_cli(
         l.httpflow_tier = Some(parse_httpflow_tier(s).map_err(at("--httpflow-tier"))?);
     }
     l.netflow_udp_unconnected = a.netflow_udp_unconnected;
+    l.netflow_udp_unconnected_disabled = a.netflow_udp_unconnected_disabled;
     if let Some(s) = &a.dnsflow_timeout {
         l.dnsflow_timeout = Some(
             parse_duration(s)
@@ -1156,6 +1194,9 @@ fn layer_from_env(
     }
     if let Some(v) = set("DKE_NETFLOW_TIER") {
         l.netflow_tier = Some(parse_netflow_tier(&v).map_err(at("DKE_NETFLOW_TIER"))?);
+    }
+    if let Some(v) = set("DKE_NETFLOW_UDP_PEERS") {
+        l.netflow_udp_peers = Some(parse_udp_peers(&v).map_err(at("DKE_NETFLOW_UDP_PEERS"))?);
     }
     if let Some(v) = set("DKE_NETFLOW_CLOSED_EVENTS") {
         l.netflow_closed_events =
@@ -1280,6 +1321,7 @@ const FILE_KEYS: &[&str] = &[
     "netflow_include_loopback",
     "dnsflow_disabled",
     "netflow_udp_unconnected",
+    "netflow_udp_unconnected_disabled",
     "dnsflow_timeout",
     "dnsflow_interval",
     "httpflow_path_normalize",
@@ -1672,6 +1714,9 @@ fn parse_ebpf_table(
                 l.httpflow_tier = Some(parse_httpflow_tier(&cx.string(key, v)?).map_err(at)?)
             }
             "netflow_udp_unconnected" => l.netflow_udp_unconnected = Some(cx.boolean(key, v)?),
+            "netflow_udp_unconnected_disabled" => {
+                l.netflow_udp_unconnected_disabled = Some(cx.boolean(key, v)?)
+            }
             "dnsflow_timeout" => {
                 l.dnsflow_timeout = Some(check_dnsflow_timeout(cx.duration(key, v)?).map_err(at)?)
             }
@@ -1745,6 +1790,35 @@ mod tests {
         )
         .unwrap();
         assert!(c.dnsflow_disabled);
+    }
+
+    #[test]
+    fn udp_unconnected_on_by_default_with_an_opt_out() {
+        let c = cfg(&["x", "run"]);
+        assert!(!c.netflow_udp_unconnected && !c.netflow_udp_unconnected_disabled);
+        assert_eq!(c.netflow_udp_peers, UdpPeers::Auto);
+        // Still accepted: now the default, it also allows the syscall tracepoint fallback.
+        assert!(cfg(&["x", "run", "--netflow-udp-unconnected"]).netflow_udp_unconnected);
+        let c = cfg(&["x", "run", "--netflow-udp-unconnected-disabled"]);
+        assert!(c.netflow_udp_unconnected_disabled);
+        assert!(
+            !cfg(&["x", "run", "--netflow-udp-unconnected-disabled=false"])
+                .netflow_udp_unconnected_disabled
+        );
+        let c = file_cfg(
+            "udp-off.conf",
+            "[[inputs.ebpf]]\nnetflow_udp_unconnected_disabled = true\nnetflow_udp_unconnected = true\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(c.netflow_udp_unconnected_disabled && c.netflow_udp_unconnected);
+        let c = cfg_env(&["x", "run"], &[("DKE_NETFLOW_UDP_PEERS", "Syscalls")]).unwrap();
+        assert_eq!(c.netflow_udp_peers, UdpPeers::Syscalls);
+        let c = cfg_env(&["x", "run"], &[("DKE_NETFLOW_UDP_PEERS", "cgroup")]).unwrap();
+        assert_eq!(c.netflow_udp_peers, UdpPeers::Cgroup);
+        let err = cfg_env(&["x", "run"], &[("DKE_NETFLOW_UDP_PEERS", "bpf")]).unwrap_err();
+        assert!(err.to_string().contains("DKE_NETFLOW_UDP_PEERS"), "{err}");
     }
 
     #[test]

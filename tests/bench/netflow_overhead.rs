@@ -294,19 +294,22 @@ fn main() {
     // Interleaved off/on runs, compared pair by pair, so drift on a shared 2-core machine hits
     // both sides of each ratio alike. nginx serves every HTTP run (started once, warmed up).
     // Each configuration is measured in every pair, against the same "off" run.
-    let configs: [(&str, Vec<&str>); 3] = [
-        ("netflow", daemon_args()),
+    // (name, arguments, environment). Unconnected UDP is counted by default through cgroup
+    // programs, which run only for UDP calls that carry an address; the third configuration
+    // forces the syscall tracepoints, which every send and receive call pays for.
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let syscalls: Env = &[("DKE_NETFLOW_UDP_PEERS", "syscalls")];
+    let configs: [(&str, Vec<&str>, Env); 3] = [
+        ("netflow", daemon_args(), &[]),
         (
             "ebpf-net as deployed (netflow + dnsflow's packet tap)",
             deployed_args(),
+            &[],
         ),
         (
-            "netflow with --netflow-udp-unconnected (syscall tracepoints)",
-            {
-                let mut args = daemon_args();
-                args.push("--netflow-udp-unconnected");
-                args
-            },
+            "netflow with unconnected UDP through syscall tracepoints (DKE_NETFLOW_UDP_PEERS=syscalls)",
+            daemon_args(),
+            syscalls,
         ),
     ];
     let _nginx = Nginx::start(&pair, &dir);
@@ -321,7 +324,7 @@ fn main() {
         let early = (i % 2 == 0).then(|| without_daemon(&pair));
         let with: Vec<(f64, f64)> = configs
             .iter()
-            .map(|(_, args)| with_daemon(&dir, &pair, args))
+            .map(|(_, args, env)| with_daemon(&dir, &pair, args, env))
             .collect();
         let (base, http_base) = early.unwrap_or_else(|| without_daemon(&pair));
         off.push(base);
@@ -357,7 +360,7 @@ fn main() {
         median(http_off),
         median(off)
     );
-    for ((name, _), (rates, http, ratios, http_ratios)) in configs.iter().zip(results) {
+    for ((name, _, _), (rates, http, ratios, http_ratios)) in configs.iter().zip(results) {
         let spread = |mut r: Vec<f64>| {
             r.sort_by(f64::total_cmp);
             format!("{:.3}-{:.3}", r[0], r[r.len() - 1])
@@ -442,9 +445,15 @@ fn main() {
     );
 }
 
-/// Throughput of the ping-pong and of the HTTP load with the daemon running with `args`.
-fn with_daemon(dir: &std::path::Path, pair: &NetPair, args: &[&str]) -> (f64, f64) {
-    let mut daemon = Daemon::start(dir, args);
+/// Throughput of the ping-pong and of the HTTP load with the daemon running with `args` and
+/// `env`.
+fn with_daemon(
+    dir: &std::path::Path,
+    pair: &NetPair,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (f64, f64) {
+    let mut daemon = Daemon::start_with(dir, args, env, std::process::Stdio::null());
     daemon.wait_log("netflow: attached", Duration::from_secs(30));
     let rate = request_response(pair);
     let http = http_request_response(pair);

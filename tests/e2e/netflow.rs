@@ -29,6 +29,27 @@ fn emulated() -> bool {
 }
 
 fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon {
+    start_env(dir, datakit, extra, &[])
+}
+
+/// `start` with these environment variables (the daemon's environment is otherwise empty).
+fn start_env(
+    dir: &std::path::Path,
+    datakit: &FakeDataKit,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
+    start_wrapped(dir, datakit, &[], extra, env)
+}
+
+/// `start_env` through `wrapper` (see `Daemon::start_wrapped`).
+fn start_wrapped(
+    dir: &std::path::Path,
+    datakit: &FakeDataKit,
+    wrapper: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
     let apiserver = datakit.addr().to_string();
     let tier = tier();
     let mut args = vec![
@@ -49,7 +70,7 @@ fn start(dir: &std::path::Path, datakit: &FakeDataKit, extra: &[&str]) -> Daemon
         "debug",
     ];
     args.extend_from_slice(extra);
-    let mut daemon = Daemon::start(dir, &args);
+    let mut daemon = Daemon::start_wrapped(dir, wrapper, &args, env, std::process::Stdio::null());
     daemon.wait_log(
         &format!("netflow: attached at the {tier} tier"),
         Duration::from_secs(60),
@@ -589,18 +610,80 @@ fn external_btf_file_is_used() {
     );
 }
 
-/// Unconnected UDP sockets on both ends (sendto/recvfrom), with the opt-in peer tracking: each
-/// end's flow is counted, the server's as incoming.
+/// The log line saying unconnected UDP is counted through the cgroup programs (the default).
+const UDP_PEERS_CGROUP: &str = "netflow: unconnected UDP counted through cgroup programs";
+/// ... through the syscall tracepoints.
+const UDP_PEERS_SYSCALLS: &str = "netflow: unconnected UDP counted through syscall tracepoints";
+/// The environment that forces the syscall tracepoints.
+const FORCE_SYSCALLS: (&str, &str) = ("DKE_NETFLOW_UDP_PEERS", "syscalls");
+
+/// Unconnected UDP sockets on both ends (sendto/recvfrom), without any UDP flag: counted by
+/// default, through the cgroup programs. Each end's flow is exact, the server's incoming.
 #[test]
 fn udp_unconnected_both_ends_exact_bytes() {
     if !privileged() {
         return;
     }
+    udp_unconnected_both_ends("nf-udp2", &[], &[], UDP_PEERS_CGROUP);
+}
+
+/// The same through the syscall tracepoints (forced; what runs where the cgroup programs cannot
+/// attach and `--netflow-udp-unconnected` is given).
+#[test]
+fn udp_unconnected_through_syscall_tracepoints_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let args = ["--netflow-udp-unconnected"];
+    udp_unconnected_both_ends("nf-udp2-sys", &args, &[FORCE_SYSCALLS], UDP_PEERS_SYSCALLS);
+}
+
+/// With no cgroup2 mounted (the daemon runs in a mount namespace of its own without any), the
+/// daemon mounts one at /run/datakit-ebpf/cgroup2: the same hierarchy's root, every socket.
+#[test]
+fn udp_unconnected_through_a_cgroup2_mounted_by_the_daemon() {
+    if !privileged() {
+        return;
+    }
+    // Unmounts every cgroup2 of the new namespace, then becomes the daemon.
+    let script = r#"for m in $(/usr/bin/awk '$(NF-2) == "cgroup2" { print $5 }' /proc/self/mountinfo); do /usr/bin/umount "$m" || exit 1; done; exec "$0" "$@""#;
+    let wrapper = [
+        "/usr/bin/unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        script,
+    ];
+    let mechanism = "cgroup v2 root /run/datakit-ebpf/cgroup2 (mounted now: no cgroup2 was)";
+    udp_unconnected_both_ends_via("nf-udp2-mnt", &wrapper, &[], &[], mechanism);
+    // The mount was the namespace's; its (empty) directory is left on the host.
+    let _ = std::fs::remove_dir("/run/datakit-ebpf/cgroup2");
+    let _ = std::fs::remove_dir("/run/datakit-ebpf");
+}
+
+fn udp_unconnected_both_ends(name: &str, args: &[&str], env: &[(&str, &str)], mechanism: &str) {
+    udp_unconnected_both_ends_via(name, &[], args, env, mechanism)
+}
+
+fn udp_unconnected_both_ends_via(
+    name: &str,
+    wrapper: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+    mechanism: &str,
+) {
     let _serial = serial();
-    let dir = scratch("nf-udp2");
+    let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
-    let pair = NetPair::create("udp2");
+    let mut daemon = start_wrapped(&dir, &datakit, wrapper, args, env);
+    assert!(
+        daemon.log_text().contains(mechanism),
+        "{}",
+        daemon.log_text()
+    );
+    let pair = NetPair::create(name);
     let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let (client_addr, server_addr) = netns::udp_exchange(
@@ -630,6 +713,211 @@ fn udp_unconnected_both_ends_exact_bytes() {
         Some(server_addr.port().to_string().as_str())
     );
     assert_ne!(client_addr.port(), 0);
+    assert!(daemon.terminate().success());
+}
+
+/// `sendmmsg`/`recvmmsg` batches on unconnected sockets: the cgroup programs run for each
+/// datagram of a batch, so each is credited to its peer (the syscall tracepoints cannot: they
+/// are not hooked on the batch calls).
+#[test]
+fn udp_unconnected_batches_exact_bytes() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp-mmsg");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("udp-mmsg");
+    let (client_ip, server_ip) = (pair.a_v4, pair.b_v4);
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let server_sock = pair
+        .b
+        .run(move || std::net::UdpSocket::bind((server_ip, 0)).unwrap());
+    let client_sock = pair
+        .a
+        .run(move || std::net::UdpSocket::bind((client_ip, 0)).unwrap());
+    let server_addr = server_sock.local_addr().unwrap();
+    let client_addr = client_sock.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let got = mmsg::recv(&server_sock, 3);
+        let sizes: Vec<usize> = got.iter().map(|(n, _)| *n).collect();
+        assert_eq!(sizes, [100, 200, 300]);
+        assert!(got.iter().all(|(_, from)| *from == client_addr), "{got:?}");
+        mmsg::send(&server_sock, client_addr, &[10, 20, 30]);
+    });
+    mmsg::send(&client_sock, server_addr, &[100, 200, 300]);
+    let got = mmsg::recv(&client_sock, 3);
+    assert_eq!(got.iter().map(|(n, _)| *n).sum::<usize>(), 60);
+    server.join().unwrap();
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (client_ip.into(), server_ip.into());
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
+    wait_total(&datakit, &daemon, "bytes_written", 600, client);
+    wait_total(&datakit, &daemon, "bytes_read", 60, client);
+    wait_total(&datakit, &daemon, "bytes_read", 600, server);
+    wait_total(&datakit, &daemon, "bytes_written", 60, server);
+    assert!(daemon.terminate().success());
+}
+
+/// `sendmmsg`/`recvmmsg` on IPv4 UDP sockets, each datagram with its own address.
+mod mmsg {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+        os::fd::AsRawFd as _,
+    };
+
+    fn sockaddr(addr: SocketAddr) -> libc::sockaddr_in {
+        let SocketAddr::V4(addr) = addr else {
+            panic!("IPv4 only: {addr}")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+
+    /// One `sendmmsg` of datagrams of `sizes` to `to`.
+    pub fn send(sock: &UdpSocket, to: SocketAddr, sizes: &[usize]) {
+        let mut name = sockaddr(to);
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xa5; n]).collect();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: plain C structs, all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: every pointer refers to memory that outlives the call.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as _, 0) };
+        assert_eq!(
+            n,
+            sizes.len() as i32,
+            "sendmmsg: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// `recvmmsg` until `count` datagrams came: (size, source) of each.
+    pub fn recv(sock: &UdpSocket, count: usize) -> Vec<(usize, SocketAddr)> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            let want = count - got.len();
+            // SAFETY: plain C structs, all-zero is valid.
+            let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; want];
+            let mut bufs = vec![vec![0u8; 65536]; want];
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = iovs
+                .iter_mut()
+                .zip(names.iter_mut())
+                .map(|(iov, name)| {
+                    // SAFETY: as above.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = (name as *mut libc::sockaddr_in).cast();
+                    m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    m.msg_hdr.msg_iov = iov;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let mut timeout = libc::timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            };
+            // SAFETY: every pointer refers to memory that outlives the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    want as _,
+                    libc::MSG_WAITFORONE,
+                    &mut timeout,
+                )
+            };
+            assert!(n > 0, "recvmmsg: {}", std::io::Error::last_os_error());
+            for (m, name) in msgs.iter().zip(&names).take(n as usize) {
+                let ip = Ipv4Addr::from(name.sin_addr.s_addr.to_ne_bytes());
+                let from = SocketAddrV4::new(ip, u16::from_be(name.sin_port));
+                got.push((m.msg_len as usize, from.into()));
+            }
+        }
+        got
+    }
+}
+
+/// `--netflow-udp-unconnected-disabled`: neither end of an unconnected exchange is counted
+/// (the client of a connected exchange still is, and marks a report made after the exchange).
+#[test]
+fn udp_unconnected_disabled_is_not_counted() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-udp-off");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected-disabled"]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("netflow: unconnected UDP not counted (--netflow-udp-unconnected-disabled)"),
+        "{}",
+        daemon.log_text()
+    );
+    let pair = NetPair::create("udp-off");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    let (_, unconnected_server) = netns::udp_exchange(&pair, server_ip, 0, &[100, 1000], &[10, 20]);
+    let (_, connected_server) =
+        netns::udp_connected_exchange(&pair, server_ip, &[300, 400], &[30, 40]);
+    let udp = |p: &Point| p.tag("transport") == Some("udp");
+    let connected_client = |p: &Point| {
+        udp(p)
+            && is_row(p, client_ip, server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(connected_server.port().to_string().as_str())
+    };
+    wait_total(&datakit, &daemon, "bytes_written", 700, connected_client);
+    // One more interval: what the unconnected sockets did would be in it at the latest.
+    std::thread::sleep(Duration::from_secs(3));
+    let points = datakit.points();
+    let rows = netflow(&points);
+    let unconnected_client = |p: &Point| {
+        udp(p)
+            && is_row(p, client_ip, server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(unconnected_server.port().to_string().as_str())
+    };
+    // Both servers' sockets are unconnected.
+    let server = |p: &Point| udp(p) && p.tag("netns") == Some(server_ns.to_string().as_str());
+    let uncounted: Vec<_> = rows
+        .iter()
+        .filter(|p| unconnected_client(p) || server(p))
+        .collect();
+    assert!(
+        uncounted.is_empty(),
+        "rows of unconnected UDP: {uncounted:#?}"
+    );
     assert!(daemon.terminate().success());
 }
 
@@ -665,27 +953,27 @@ fn lifecycles_stress_every_row_exact() {
     if !privileged() {
         return;
     }
-    lifecycles_stress("nf-stress", stress_flows(), &[]);
+    lifecycles_stress("nf-stress", stress_flows(), &[], &[]);
 }
 
-/// The stress suite with final records through the perf event array (a third of the flows).
+/// The stress suite with final records through the perf event array (a third of the flows),
+/// and unconnected UDP peers from the syscall tracepoints (forced): both stay exact.
 #[test]
 fn lifecycles_stress_through_the_perf_event_array() {
     if !privileged() {
         return;
     }
     let extra = ["--netflow-closed-events", "perf-event-array"];
-    lifecycles_stress("nf-stress-perf", stress_flows() / 3, &extra);
+    let env = [FORCE_SYSCALLS];
+    lifecycles_stress("nf-stress-perf", stress_flows() / 3, &extra, &env);
 }
 
-fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
+fn lifecycles_stress(name: &str, flows: usize, extra: &[&str], env: &[(&str, &str)]) {
     use common::lifecycles::{self, Case};
     let _serial = serial();
     let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut args = vec!["--netflow-udp-unconnected"];
-    args.extend_from_slice(extra);
-    let mut daemon = start(&dir, &datakit, &args);
+    let mut daemon = start_env(&dir, &datakit, extra, env);
     let pair = NetPair::create(name);
     let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
     let addresses: Vec<String> = [
@@ -745,7 +1033,9 @@ fn lifecycles_stress(name: &str, flows: usize, extra: &[&str]) {
             let ours = [client_ns, server_ns]
                 .iter()
                 .any(|ns| p.tag("netns") == Some(ns.to_string().as_str()))
-                && addresses.iter().any(|ip| p.tag("src_ip") == Some(ip.as_str()));
+                && addresses
+                    .iter()
+                    .any(|ip| p.tag("src_ip") == Some(ip.as_str()));
             let known = cases.iter().any(|c| client_row(c, p) || server_row(c, p));
             let bytes = p.int("bytes_written").unwrap_or(0) + p.int("bytes_read").unwrap_or(0);
             if ours && !known && bytes > 0 {
@@ -808,7 +1098,7 @@ fn unbound_udp_client_exact_bytes(name: &str, client_bind: IpAddr, server_v6: bo
     let _serial = serial();
     let dir = scratch(name);
     let datakit = FakeDataKit::start();
-    let mut daemon = start(&dir, &datakit, &["--netflow-udp-unconnected"]);
+    let mut daemon = start(&dir, &datakit, &[]);
     let pair = NetPair::create(name);
     let server_ip: IpAddr = if server_v6 {
         pair.b_v6.into()

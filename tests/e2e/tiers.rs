@@ -332,17 +332,20 @@ fn same_rows_at_every_tier_tcp_and_connected_udp() {
             key("tcp", "IPv6", "incoming", "b->a", "server", "*"),
             [40_000, 30_000, 1, 1, 0],
         ),
-        // The server's socket is unconnected: without --netflow-udp-unconnected only the
-        // connected client is counted.
+        // The server's socket is unconnected: counted per peer too (by default).
         (
             key("udp", "IPv4", "outgoing", "a->b", "*", "server"),
             [2572, 60, 0, 0, 0],
+        ),
+        (
+            key("udp", "IPv4", "incoming", "b->a", "server", "*"),
+            [60, 2572, 0, 0, 0],
         ),
     ]);
     assert_parity("tcp+udp", &[], expected, tcp_and_connected_udp);
 }
 
-/// Unconnected UDP on both ends (sendto/recvfrom), counted with the opt-in peer tracking.
+/// Unconnected UDP on both ends (sendto/recvfrom), counted by default.
 fn unconnected_udp(pair: &NetPair) -> Vec<u16> {
     let (_, server) = netns::udp_exchange(
         pair,
@@ -370,10 +373,5 @@ fn same_rows_at_every_tier_unconnected_udp() {
             [100, 2579, 0, 0, 0],
         ),
     ]);
-    assert_parity(
-        "unconnected udp",
-        &["--netflow-udp-unconnected"],
-        expected,
-        unconnected_udp,
-    );
+    assert_parity("unconnected udp", &[], expected, unconnected_udp);
 }

@@ -22,9 +22,14 @@
 //!   CLOSE still can: what arrived before a reset or the peer's FIN): the final counters go to
 //!   userspace (`closed_events`) and the map entry is freed.
 //! - `tcp_retransmit_skb`: refreshes the retransmit counter of a connection that is not sending.
-//! - `syscalls:sys_{enter,exit}_{sendto,sendmsg,recvfrom,recvmsg}`: the peer address of
-//!   datagrams on unconnected UDP sockets (which hold no peer), remembered per thread for the
-//!   duration of the call and used to count bytes per (socket, peer) flow.
+//! - the peer address of datagrams on unconnected UDP sockets (which hold no peer), remembered
+//!   per thread for the duration of the call and used to count bytes per (socket, peer) flow,
+//!   from one of two sources ([`NETFLOW_UDP_UNCONNECTED`]):
+//!   - cgroup `sendmsg4`/`sendmsg6`/`recvmsg4`/`recvmsg6` programs on the cgroup v2 root, which
+//!     the kernel runs inside `udp_sendmsg`/`udp_recvmsg` only for calls that carry an address
+//!     (the default: other sockets pay nothing);
+//!   - `syscalls:sys_{enter,exit}_{sendto,sendmsg,recvfrom,recvmsg}`, which run on every send
+//!     and receive call of every socket (the fallback where cgroup programs cannot attach).
 //!
 //! Counters live in a hash map keyed by the socket's address; userspace reads it each interval.
 //! Nothing is sent to userspace per packet or per syscall. A connection's final counters go to
@@ -44,10 +49,11 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{btf_tracepoint, fexit, kprobe, kretprobe, map, tracepoint},
+    macros::{btf_tracepoint, cgroup_sock_addr, fexit, kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{
-        BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext,
+        BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, SockAddrContext,
+        TracePointContext,
     },
 };
 use ebpf_common::netflow::{
@@ -55,7 +61,7 @@ use ebpf_common::netflow::{
     CONN_F_FINAL, CONN_F_INCOMING, CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP,
     IPPROTO_UDP, NETFLOW_STAT_COUNT, NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED,
     NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, NetOffsets,
-    REFRESH_JIFFIES, TracepointOffsets, UdpFlowKey,
+    REFRESH_JIFFIES, TracepointOffsets, UDP_PEERS_CGROUP, UDP_PEERS_OFF, UdpFlowKey,
 };
 
 /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -88,9 +94,15 @@ static NET_TP_OFFSETS: TracepointOffsets = TracepointOffsets {
     destroy_skaddr: 0,
 };
 
-/// Set by the daemon: count unconnected UDP sockets (`--netflow-udp-unconnected`).
+/// Set by the daemon: how unconnected UDP sockets' peers are learnt (`UDP_PEERS_*`: off, from
+/// syscall tracepoints, or from cgroup programs).
 #[unsafe(no_mangle)]
 static NETFLOW_UDP_UNCONNECTED: u32 = 0;
+
+fn udp_peers() -> u32 {
+    // SAFETY: our own read-only global; volatile so the loader's value is read.
+    unsafe { core::ptr::read_volatile(&NETFLOW_UDP_UNCONNECTED) }
+}
 
 /// Resized by the daemon (`--netflow-max-conns`).
 #[map]
@@ -102,7 +114,12 @@ static NETFLOW_UDP: HashMap<UdpFlowKey, ConnInfo> = HashMap::with_max_entries(DE
 
 /// The peer a thread is sending to (sendto/sendmsg with an address), until its send is seen.
 #[map]
-static UDP_SEND_PEER: LruHashMap<u64, Peer> = LruHashMap::with_max_entries(16_384, 0);
+static UDP_SEND_PEER: LruHashMap<u64, PeerCall> = LruHashMap::with_max_entries(16_384, 0);
+
+/// The source of the datagram a thread is receiving with its address asked for (cgroup
+/// `recvmsg4/6`, which runs in `udp_recvmsg` before the byte count is seen), until it is counted.
+#[map]
+static UDP_RECV_PEER: LruHashMap<u64, PeerCall> = LruHashMap::with_max_entries(16_384, 0);
 
 /// A thread's pending recvfrom/recvmsg: where the peer address will be written, and what
 /// the receive tracepoint saw, until the syscall returns.
@@ -115,6 +132,15 @@ pub(crate) struct Peer {
     pub(crate) addr: [u8; 16],
     pub(crate) port: u16,
     _pad: [u8; 6],
+}
+
+/// A thread's peer for one call, and the socket it is for (0: any; the syscall tracepoints
+/// see file descriptors, not sockets).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PeerCall {
+    sk: u64,
+    peer: Peer,
 }
 
 #[repr(C)]
@@ -745,8 +771,10 @@ fn still_ours(ctx: *mut c_void, sk: *const u8, info: *mut ConnInfo) -> bool {
     false
 }
 
-/// A datagram on an unconnected UDP socket. Sends are counted now, with the peer recorded at
-/// syscall entry; receives when the syscall returns, once the peer address is written.
+/// A datagram on an unconnected UDP socket. Sends are counted now, with the peer recorded
+/// before (cgroup `sendmsg4/6`, or at syscall entry). Receives too with the cgroup programs
+/// (`recvmsg4/6` ran in this same call, before the count); with the syscall tracepoints, when
+/// the syscall returns, once the peer address is written.
 fn unconnected_udp(
     ctx: *mut c_void,
     sock: u64,
@@ -756,11 +784,28 @@ fn unconnected_udp(
     nest: &Nest,
 ) {
     let thread = bpf_get_current_pid_tgid();
+    // The peer and its socket are copied out field by field, not as a whole PeerCall: these
+    // programs' stack is tight on some verifiers (see SCRATCH).
     if sent > 0 {
-        // SAFETY: a copy out of the map value.
-        if let Some(peer) = unsafe { UDP_SEND_PEER.get(&thread) }.copied() {
+        if let Some(call) = UDP_SEND_PEER.get_ptr(&thread) {
+            // SAFETY: copies out of this thread's entry.
+            let (sk, peer) = unsafe { ((*call).sk, (*call).peer) };
             let _ = UDP_SEND_PEER.remove(&thread);
-            udp_flow(ctx, sock, template, &peer, sent, 0, nest);
+            // A peer recorded for another socket is left from a call that failed after it.
+            if sk == 0 || sk == sock {
+                udp_flow(ctx, sock, template, &peer, sent, 0, nest);
+            }
+        }
+    } else if udp_peers() == UDP_PEERS_CGROUP {
+        if let Some(call) = UDP_RECV_PEER.get_ptr(&thread) {
+            // SAFETY: copies out of this thread's entry.
+            let (sk, peer) = unsafe { ((*call).sk, (*call).peer) };
+            let _ = UDP_RECV_PEER.remove(&thread);
+            // Another socket's: left from a receive that was not counted (a peek, an empty
+            // datagram). A receive without the address asked for has no peer: not counted.
+            if sk == sock {
+                udp_flow(ctx, sock, template, &peer, 0, recv, nest);
+            }
         }
     } else if let Some(call) = UDP_RECV.get_ptr_mut(&thread) {
         // SAFETY: this thread's own entry.
@@ -856,10 +901,15 @@ fn syscall_arg(ctx: &TracePointContext, n: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
 }
 
+fn send_peer(peer: Peer) {
+    let call = PeerCall { sk: 0, peer };
+    let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &call, 0);
+}
+
 #[tracepoint]
 pub fn netflow_sendto(ctx: TracePointContext) -> u32 {
     if let Some(peer) = read_sockaddr(syscall_arg(&ctx, 4)) {
-        let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &peer, 0);
+        send_peer(peer);
     }
     0
 }
@@ -870,7 +920,7 @@ pub fn netflow_sendmsg(ctx: TracePointContext) -> u32 {
     // SAFETY: checked user-memory read of user_msghdr.msg_name (its first field).
     let name = unsafe { bpf_probe_read_user(msg as *const u64) }.unwrap_or(0);
     if let Some(peer) = read_sockaddr(name) {
-        let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &peer, 0);
+        send_peer(peer);
     }
     0
 }
@@ -936,6 +986,83 @@ pub fn netflow_recv_exit(ctx: TracePointContext) -> u32 {
         );
     }
     0
+}
+
+// ---- cgroup programs: the peers of unconnected UDP sockets ----
+// Attached to the cgroup v2 root (every socket of the host). The kernel runs `cgroup/sendmsg4`
+// and `sendmsg6` in `udp_sendmsg`/`udpv6_sendmsg` only when the call carries an address
+// (`sendto`, `sendmsg` with a name; an IPv6 socket sending to an IPv4-mapped address runs
+// `sendmsg4`), before the send is counted; `cgroup/recvmsg4` and `recvmsg6` (5.2+) in
+// `udp_recvmsg`/`udpv6_recvmsg` once a datagram is copied and the caller asked for its source
+// (`recvfrom`, `recvmsg` with a name), before the receive is counted (tracepoint
+// `sock_recv_length`, fexit `inet_recvmsg`, kprobe `skb_consume_udp`). Each `recvmmsg` or
+// `sendmmsg` datagram is its own call there, so batches are attributed too. These programs
+// only look: they always allow (1) and never write the address.
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn netflow_cg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let call = sock_addr_peer(&ctx, false);
+    let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &call, 0);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn netflow_cg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let call = sock_addr_peer(&ctx, true);
+    let _ = UDP_SEND_PEER.insert(&bpf_get_current_pid_tgid(), &call, 0);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn netflow_cg_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let call = sock_addr_peer(&ctx, false);
+    let _ = UDP_RECV_PEER.insert(&bpf_get_current_pid_tgid(), &call, 0);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn netflow_cg_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let call = sock_addr_peer(&ctx, true);
+    let _ = UDP_RECV_PEER.insert(&bpf_get_current_pid_tgid(), &call, 0);
+    1
+}
+
+/// The address (`user_ip4`, IPv4-mapped, or `user_ip6`, network order) and port (`user_port`,
+/// network order in the low 16 bits) of a sock_addr context, and its socket (`sk`, the
+/// `struct sock *` the counting programs see; storing it needs CAP_PERFMON, as our reads of
+/// kernel memory do).
+#[inline(always)]
+fn sock_addr_peer(ctx: &SockAddrContext, v6: bool) -> PeerCall {
+    let sa = ctx.sock_addr;
+    // SAFETY: context fields, read at the sizes the verifier allows (4 bytes, `sk` 8); it
+    // rewrites them into reads of the call's `struct sockaddr` and socket.
+    unsafe {
+        let addr = if v6 {
+            let mut addr = [0u8; 16];
+            let words = [
+                core::ptr::read_volatile(&(*sa).user_ip6[0]),
+                core::ptr::read_volatile(&(*sa).user_ip6[1]),
+                core::ptr::read_volatile(&(*sa).user_ip6[2]),
+                core::ptr::read_volatile(&(*sa).user_ip6[3]),
+            ];
+            for (i, word) in words.iter().enumerate() {
+                addr[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            addr
+        } else {
+            v4_mapped(core::ptr::read_volatile(&(*sa).user_ip4).to_ne_bytes())
+        };
+        let port = core::ptr::read_volatile(&(*sa).user_port) as u16;
+        let sk = core::ptr::read_volatile(&(*sa).__bindgen_anon_1.sk) as u64;
+        PeerCall {
+            sk,
+            peer: Peer {
+                addr,
+                port: u16::from_be(port),
+                _pad: [0; 6],
+            },
+        }
+    }
 }
 
 /// Inserts a new entry over whatever the map holds for `key`; counts a full map.
@@ -1007,11 +1134,7 @@ fn describe_into(sk: *const u8, nest: &Nest) -> Result<Option<&'static mut ConnI
     let dport = u16::from_be(read(sk, off.skc_dport)?);
     // An unconnected UDP socket is only of use when its peers are tracked; stop here
     // otherwise, before the address reads (every datagram of a DNS server comes here).
-    // SAFETY: our own read-only global; volatile so the loader's value is read.
-    if protocol == IPPROTO_UDP
-        && dport == 0
-        && unsafe { core::ptr::read_volatile(&NETFLOW_UDP_UNCONNECTED) } == 0
-    {
+    if protocol == IPPROTO_UDP && dport == 0 && udp_peers() == UDP_PEERS_OFF {
         return Ok(None);
     }
     let info = nest.scratch(0).ok_or(())?;

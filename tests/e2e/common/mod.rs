@@ -81,10 +81,31 @@ impl Daemon {
 
     /// Like `start`, with these environment variables (and nothing else) and this stdout.
     pub fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Daemon {
+        Self::start_wrapped(dir, &[], args, env, stdout)
+    }
+
+    /// Like `start_with`, through `wrapper` when not empty: a command given the daemon's path
+    /// and arguments after its own, which must end by exec'ing them (so the child is the
+    /// daemon), e.g. `unshare -m sh -c '…; exec "$0" "$@"'`.
+    pub fn start_wrapped(
+        dir: &Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Daemon {
         let log = dir.join("daemon.log");
         let pidfile = dir.join("daemon.pid");
         let stderr = fs::File::create(dir.join("daemon.stderr")).unwrap();
-        let child = Command::new(DAEMON)
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(DAEMON);
+                command
+            }
+            None => Command::new(DAEMON),
+        };
+        let child = command
             .args(args)
             .arg("--log")
             .arg(&log)

@@ -12,25 +12,27 @@ use anyhow::{Context as _, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{BtfTracePoint, FExit, KProbe, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
     CLASSIC_IO_LAYOUT, CONN_F_FINAL, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
     NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
     NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, OFFSETS_GLOBAL, STATS_MAP,
-    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
+    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_PEERS_CGROUP, UDP_PEERS_OFF,
+    UDP_PEERS_SYSCALLS, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tracing::{debug, info, warn};
 
 use super::{
     aggregate::{ConnSample, NetflowOptions, Resolver, Tracker},
+    cgroup,
     closed::ClosedReader,
     route::LocalAddresses,
 };
 use crate::{
     btf::{KernelBtf, VMLINUX_BTF},
     clock,
-    config::{ClosedEvents, Config, NetflowTier},
+    config::{ClosedEvents, Config, NetflowTier, UdpPeers},
     kernel::{
         KernelFeatures,
         kretprobe::{self, Kretprobe},
@@ -141,7 +143,17 @@ const CLASSIC_TCP: [(&str, &str, &str); 3] = [
     ("netflow_tp_destroy", "tcp", "tcp_destroy_sock"),
 ];
 
-/// (program, syscall tracepoints) of the tracepoint tier: the peers of unconnected UDP sockets.
+/// The cgroup programs that learn the peers of unconnected UDP sockets, on the cgroup v2 root
+/// (their attach types come from their sections: `cgroup/sendmsg4` and so on).
+const CGROUP_PROGRAMS: [&str; 4] = [
+    "netflow_cg_sendmsg4",
+    "netflow_cg_sendmsg6",
+    "netflow_cg_recvmsg4",
+    "netflow_cg_recvmsg6",
+];
+
+/// (program, syscall tracepoints) that learn the peers of unconnected UDP sockets where the
+/// cgroup programs cannot (at every tier).
 const SYSCALL_PROGRAMS: [(&str, &[&str]); 5] = [
     ("netflow_sendto", &["sys_enter_sendto"]),
     ("netflow_sendmsg", &["sys_enter_sendmsg"]),
@@ -389,48 +401,29 @@ impl NetflowCollector {
             }
             _ => TracepointOffsets::default(),
         };
-        let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
-            .override_global(OFFSETS_GLOBAL, &offsets, true)
-            .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
-            .override_global(
-                UDP_UNCONNECTED_GLOBAL,
-                &u32::from(config.netflow_udp_unconnected),
-                true,
-            )
-            .map_max_entries(CONNS_MAP, config.netflow_max_conns)
-            .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
-            .load(match closed_events {
-                ClosedEvents::PerfEventArray => OBJECT_PERF,
-                _ => OBJECT,
-            })
-            .context("loading the netflow object")?;
-        let kretprobes = attach_tier(&mut ebpf, tier.tier, btf.as_ref(), tracefs)?;
-        // Syscall tracepoints run on every send and receive call of every socket (about 100 ns
-        // each, measured by `cargo xtask bench`): only when asked for.
-        let syscall_programs: &[_] = if config.netflow_udp_unconnected {
-            &SYSCALL_PROGRAMS
-        } else {
-            &[]
+        let load_object = |udp_peers: u32| {
+            EbpfLoader::new()
+                .btf(btf.as_ref())
+                .override_global(OFFSETS_GLOBAL, &offsets, true)
+                .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
+                .override_global(UDP_UNCONNECTED_GLOBAL, &udp_peers, true)
+                .map_max_entries(CONNS_MAP, config.netflow_max_conns)
+                .map_max_entries(UDP_FLOWS_MAP, config.netflow_max_conns)
+                .load(match closed_events {
+                    ClosedEvents::PerfEventArray => OBJECT_PERF,
+                    _ => OBJECT,
+                })
+                .context("loading the netflow object")
         };
-        for &(name, tracepoints) in syscall_programs {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
-            for tracepoint in tracepoints.iter() {
-                program
-                    .attach("syscalls", tracepoint)
-                    .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
-            }
-        }
+        let (mut ebpf, udp_peers) = load_udp_peers(config, load_object)?;
+        let kretprobes = attach_tier(&mut ebpf, tier.tier, btf.as_ref(), tracefs)?;
         info!(
             "netflow: attached at the {} tier ({} connections max, closed connections through the {})",
             tier.tier.name(),
             config.netflow_max_conns,
             closed_events.name()
         );
+        info!("netflow: unconnected UDP {udp_peers}");
         let conns = HashMap::try_from(ebpf.take_map(CONNS_MAP).context("connection map")?)?;
         let udp_flows = HashMap::try_from(ebpf.take_map(UDP_FLOWS_MAP).context("UDP flow map")?)?;
         let closed = ClosedReader::open(&mut ebpf, closed_events)?;
@@ -568,8 +561,142 @@ impl NetflowCollector {
     }
 }
 
-/// Loads and attaches the programs of `tier` (the syscall tracepoints for unconnected UDP are
-/// attached separately: every tier uses them).
+/// Loads the netflow object (`load_object`, given how unconnected UDP peers are learnt) and
+/// attaches the programs that learn them: the cgroup programs where they attach; else the
+/// syscall tracepoints, which cost every send and receive call of every socket about 100 ns
+/// (measured by `cargo xtask bench`), only when asked for (`--netflow-udp-unconnected`, or
+/// `DKE_NETFLOW_UDP_PEERS=syscalls`); else none. Returns how unconnected UDP is counted.
+fn load_udp_peers(
+    config: &Config,
+    load_object: impl Fn(u32) -> anyhow::Result<Ebpf>,
+) -> anyhow::Result<(Ebpf, String)> {
+    if config.netflow_udp_unconnected_disabled {
+        let ebpf = load_object(UDP_PEERS_OFF)?;
+        return Ok((
+            ebpf,
+            "not counted (--netflow-udp-unconnected-disabled)".into(),
+        ));
+    }
+    let forced = config.netflow_udp_peers;
+    let mut cgroup_failed = None;
+    if forced != UdpPeers::Syscalls {
+        let mut ebpf = load_object(UDP_PEERS_CGROUP)?;
+        match attach_cgroup_programs(&mut ebpf, &config.host_proc) {
+            Ok(root) => {
+                let how = format!(
+                    "counted through cgroup programs (sendmsg4/6, recvmsg4/6) on the cgroup v2 root {root}"
+                );
+                return Ok((ebpf, how));
+            }
+            Err(err) if forced == UdpPeers::Cgroup => {
+                return Err(err.context(
+                    "unconnected UDP through cgroup programs (DKE_NETFLOW_UDP_PEERS=cgroup)",
+                ));
+            }
+            // Dropping the object detaches whatever did attach.
+            Err(err) => cgroup_failed = Some(format!("{err:#}")),
+        }
+    }
+    let Some(failed) = cgroup_failed else {
+        let mut ebpf = load_object(UDP_PEERS_SYSCALLS)?;
+        attach_syscall_programs(&mut ebpf)?;
+        let how = "counted through syscall tracepoints (forced by DKE_NETFLOW_UDP_PEERS=syscalls; every send and receive call of every socket pays for them)";
+        return Ok((ebpf, how.into()));
+    };
+    if config.netflow_udp_unconnected {
+        let mut ebpf = load_object(UDP_PEERS_SYSCALLS)?;
+        attach_syscall_programs(&mut ebpf)?;
+        let how = format!(
+            "counted through syscall tracepoints (asked for by --netflow-udp-unconnected; the cgroup programs cannot attach: {failed}; every send and receive call of every socket pays for the tracepoints)"
+        );
+        return Ok((ebpf, how));
+    }
+    let ebpf = load_object(UDP_PEERS_OFF)?;
+    let how = format!(
+        "not counted: the cgroup programs cannot attach ({failed}); --netflow-udp-unconnected counts it through syscall tracepoints instead, which every send and receive call of every socket pays for"
+    );
+    Ok((ebpf, how))
+}
+
+/// Loads the cgroup programs and attaches them to the cgroup v2 root (mounting one if none
+/// is): they then see every socket of the host. Returns where, for the log.
+fn attach_cgroup_programs(ebpf: &mut Ebpf, host_proc: &Path) -> anyhow::Result<String> {
+    let root = cgroup::find_or_mount(host_proc)?;
+    let dir = std::fs::File::open(&root.path)
+        .with_context(|| format!("opening {}", root.path.display()))?;
+    // Other tools' programs on the root must stay, and run too. From 5.7 aya attaches through
+    // a BPF link, which the kernel always adds as one of several (BPF_F_ALLOW_MULTI) and which
+    // takes no such flag (EINVAL); before, through BPF_PROG_ATTACH, which needs the flag.
+    let links = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 7, 0));
+    let mode = if links {
+        CgroupAttachMode::Single
+    } else {
+        CgroupAttachMode::AllowMultiple
+    };
+    for name in CGROUP_PROGRAMS {
+        let program: &mut CgroupSockAddr = program_as(ebpf, name)?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        program
+            .attach(&dir, mode)
+            .with_context(|| format!("attaching {name} to {}", root.path.display()))?;
+    }
+    if let Some(note) = cgroup::namespace_note(host_proc) {
+        warn!("netflow: {note}");
+    }
+    Ok(if root.mounted_now {
+        format!("{} (mounted now: no cgroup2 was)", root.path.display())
+    } else {
+        root.path.display().to_string()
+    })
+}
+
+fn attach_syscall_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (name, tracepoints) in SYSCALL_PROGRAMS {
+        let program: &mut TracePoint = program_as(ebpf, name)?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        for tracepoint in tracepoints {
+            program
+                .attach("syscalls", tracepoint)
+                .with_context(|| format!("attaching {name} to syscalls/{tracepoint}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// How unconnected UDP would be counted here, for `check` (nothing is mounted or loaded).
+pub fn udp_peers_plan(config: &Config) -> String {
+    if config.netflow_udp_unconnected_disabled {
+        return "not counted (--netflow-udp-unconnected-disabled)".into();
+    }
+    if config.netflow_udp_peers == UdpPeers::Syscalls {
+        return "through syscall tracepoints (forced by DKE_NETFLOW_UDP_PEERS=syscalls)".into();
+    }
+    let cgroup = match cgroup::find(&config.host_proc) {
+        Ok(Some(root)) => Ok(format!("on the cgroup v2 root {}", root.display())),
+        _ if cgroup::kernel_has_cgroup2(&config.host_proc) => Ok(format!(
+            "on a cgroup2 mounted at {} (none is mounted)",
+            cgroup::PRIVATE_MOUNT
+        )),
+        _ => Err("the kernel has no cgroup2 file system"),
+    };
+    let fallback = if config.netflow_udp_peers == UdpPeers::Cgroup {
+        "none (forced by DKE_NETFLOW_UDP_PEERS=cgroup)"
+    } else if config.netflow_udp_unconnected {
+        "syscall tracepoints (--netflow-udp-unconnected)"
+    } else {
+        "none: not counted (--netflow-udp-unconnected would use syscall tracepoints)"
+    };
+    match cgroup {
+        Ok(root) => format!(
+            "through cgroup programs sendmsg4/6, recvmsg4/6 {root} (they need kernel 5.7+; where they cannot attach, {fallback})"
+        ),
+        Err(why) => format!("{why}: cgroup programs cannot attach; {fallback}"),
+    }
+}
+
+/// Loads and attaches the programs of `tier` (the programs that learn unconnected UDP peers
+/// are attached separately: every tier uses them).
 fn attach_tier(
     ebpf: &mut Ebpf,
     tier: NetflowTier,

@@ -2,6 +2,7 @@
 //! and closed, by process and direction.
 
 pub mod aggregate;
+mod cgroup;
 pub mod closed;
 pub mod collector;
 mod route;
@@ -25,10 +26,11 @@ pub fn availability(kernel: &Kernel, config: &Config) -> Result<String, String> 
         .map_err(|why| format!("no usable tier ({why})"))?;
     let (closed, why) = closed::choose(&kernel.features.ringbuf, config.netflow_closed_events)?;
     Ok(format!(
-        "at the {} tier ({}); closed connections through the {} ({why})",
+        "at the {} tier ({}); closed connections through the {} ({why}); unconnected UDP {}",
         choice.tier.name(),
         choice.reason,
         closed.name(),
+        collector::udp_peers_plan(config),
     ))
 }
 
