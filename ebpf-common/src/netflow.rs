@@ -10,6 +10,11 @@ pub const CONNS_MAP: &str = "NETFLOW_CONNS";
 /// Name of the map of unconnected UDP flows (`HashMap<UdpFlowKey, ConnInfo>`): a socket that
 /// talks to several peers has one entry per peer.
 pub const UDP_FLOWS_MAP: &str = "NETFLOW_UDP";
+/// Name of the map of final entries that had to make room while the ring or perf buffer was
+/// full (`HashMap<RetiredKey, ConnInfo>`); the daemon empties it each sweep.
+pub const RETIRED_MAP: &str = "NETFLOW_RETIRED";
+/// Its size: 8,192 entries of about 200 bytes.
+pub const RETIRED_MAX_ENTRIES: u32 = 8_192;
 /// Name of the ring buffer carrying [`ClosedConn`] records.
 pub const CLOSED_MAP: &str = "NETFLOW_CLOSED";
 /// Name of the per-CPU counter array (`NETFLOW_STAT_*` indices).
@@ -42,7 +47,8 @@ pub const NETFLOW_STAT_READ_FAILED: u32 = 2;
 /// An event skipped: our programs were nested deeper on one CPU than they have scratch room for.
 pub const NETFLOW_STAT_NESTED: u32 = 3;
 /// A stale entry (a socket gone without its final record leaving, its memory now another
-/// socket's) could not be handed over before the new socket replaced it: its last counts are lost.
+/// socket's) could not be handed over before the new socket replaced it, the ring or perf buffer
+/// and the retired map being full: its last counts are lost.
 pub const NETFLOW_STAT_STALE_LOST: u32 = 4;
 /// Number of counters.
 pub const NETFLOW_STAT_COUNT: u32 = 5;
@@ -214,6 +220,35 @@ impl ClosedConn {
     }
 }
 
+/// Key of a final entry in the retired map: the socket and when its tracking began (its
+/// identity in the daemon), and for an unconnected UDP flow the rest of its [`UdpFlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RetiredKey {
+    pub sock: u64,
+    pub start_ns: u64,
+    pub peer: [u8; 16],
+    pub peer_port: u16,
+    pub udp_flow: u16,
+    pub _pad: [u8; 4],
+}
+
+crate::assert_size!(RetiredKey, 40);
+
+impl RetiredKey {
+    /// The record this entry stands for.
+    pub fn record(&self, info: ConnInfo) -> ClosedConn {
+        ClosedConn {
+            sock: self.sock,
+            info,
+            peer: self.peer,
+            peer_port: self.peer_port,
+            udp_flow: self.udp_flow,
+            _pad: [0; 4],
+        }
+    }
+}
+
 /// Key of an unconnected UDP flow: the socket and the peer of the datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -231,6 +266,7 @@ crate::assert_size!(UdpFlowKey, 32);
 #[cfg(feature = "user")]
 mod user {
     unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::RetiredKey {}
     // SAFETY: plain repr(C) data without padding holes.
     unsafe impl aya::Pod for super::NetOffsets {}
     unsafe impl aya::Pod for super::TracepointOffsets {}

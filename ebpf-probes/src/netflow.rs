@@ -23,9 +23,10 @@ mod closed_events {
 
     use super::programs::{Nest, Peer};
 
-    /// Closed connections; 256 KiB holds about 2,000 records between two reads.
+    /// Closed connections; 1 MiB holds about 6,500 records between two reads (a burst of
+    /// short connections while the daemon waits for a CPU).
     #[map]
-    static NETFLOW_CLOSED: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+    static NETFLOW_CLOSED: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
     /// Hands a connection's final counters over (`peer`: of an unconnected UDP flow); false
     /// when the ring buffer is full.

@@ -299,8 +299,19 @@ fn main() {
     // forces the syscall tracepoints, which every send and receive call pays for.
     type Env<'a> = &'a [(&'a str, &'a str)];
     let syscalls: Env = &[("DKE_NETFLOW_UDP_PEERS", "syscalls")];
-    let configs: [(&str, Vec<&str>, Env); 3] = [
-        ("netflow", daemon_args(), &[]),
+    let mut tcp_only = daemon_args();
+    tcp_only.push("--netflow-udp-unconnected-disabled");
+    let configs: [(&str, Vec<&str>, Env); 4] = [
+        (
+            "netflow (default: unconnected UDP through cgroup programs)",
+            daemon_args(),
+            &[],
+        ),
+        (
+            "netflow without unconnected UDP (--netflow-udp-unconnected-disabled)",
+            tcp_only,
+            &[],
+        ),
         (
             "ebpf-net as deployed (netflow + dnsflow's packet tap)",
             deployed_args(),
@@ -360,11 +371,24 @@ fn main() {
         median(http_off),
         median(off)
     );
+    let spread = |mut r: Vec<f64>| {
+        r.sort_by(f64::total_cmp);
+        format!("{:.3}-{:.3}", r[0], r[r.len() - 1])
+    };
+    // What counting unconnected UDP costs: the default against TCP-only, pair by pair (both
+    // ran in each pair), on the TCP ping-pong (target: no more than 0.01 lower).
+    let udp_cost: Vec<f64> = results[0]
+        .0
+        .iter()
+        .zip(&results[1].0)
+        .map(|(default, tcp_only)| default / tcp_only)
+        .collect();
+    println!(
+        "unconnected UDP counting (default / TCP-only, same pairs): ping-pong {:.3} (pairs {}; target >= 0.99)",
+        median(udp_cost.clone()),
+        spread(udp_cost)
+    );
     for ((name, _, _), (rates, http, ratios, http_ratios)) in configs.iter().zip(results) {
-        let spread = |mut r: Vec<f64>| {
-            r.sort_by(f64::total_cmp);
-            format!("{:.3}-{:.3}", r[0], r[r.len() - 1])
-        };
         println!(
             "{name}: HTTP {:.0} req/s, ratio {:.3} (pairs {}); ping-pong {:.0} req/s, ratio {:.3} (pairs {})",
             median(http),

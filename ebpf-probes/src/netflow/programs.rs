@@ -61,7 +61,8 @@ use ebpf_common::netflow::{
     CONN_F_FINAL, CONN_F_INCOMING, CONN_F_OUTGOING, ConnInfo, DEFAULT_MAX_CONNS, IPPROTO_TCP,
     IPPROTO_UDP, NETFLOW_STAT_COUNT, NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED,
     NETFLOW_STAT_READ_FAILED, NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, NetOffsets,
-    REFRESH_JIFFIES, TracepointOffsets, UDP_PEERS_CGROUP, UDP_PEERS_OFF, UdpFlowKey,
+    REFRESH_JIFFIES, RETIRED_MAX_ENTRIES, RetiredKey, TracepointOffsets, UDP_PEERS_CGROUP,
+    UDP_PEERS_OFF, UdpFlowKey,
 };
 
 /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -107,6 +108,11 @@ fn udp_peers() -> u32 {
 /// Resized by the daemon (`--netflow-max-conns`).
 #[map]
 static NETFLOW_CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+/// Final entries replaced while the ring or perf buffer was full, for the daemon's next sweep.
+#[map]
+static NETFLOW_RETIRED: HashMap<RetiredKey, ConnInfo> =
+    HashMap::with_max_entries(RETIRED_MAX_ENTRIES, 0);
 
 /// Unconnected UDP flows, one per (socket, peer). Resized with NETFLOW_CONNS.
 #[map]
@@ -728,7 +734,28 @@ fn on_destroy(ctx: *mut c_void, sk: *const u8) {
 #[inline(always)]
 fn retire(ctx: *mut c_void, nest: &Nest, key: u64, old: &mut ConnInfo) {
     old.flags |= CONN_F_FINAL;
-    if !super::closed_events::submit(ctx, nest, key, old, None) {
+    hand_over(ctx, nest, key, old, None);
+}
+
+/// Sends a final entry that is about to be replaced to userspace: through the ring or perf
+/// buffer, else (full: the daemon is behind) into NETFLOW_RETIRED for its next sweep; lost,
+/// and counted, only when both are full. `peer`: the rest of an unconnected UDP flow's key.
+#[inline(always)]
+fn hand_over(ctx: *mut c_void, nest: &Nest, sock: u64, info: &ConnInfo, peer: Option<&Peer>) {
+    if super::closed_events::submit(ctx, nest, sock, info, peer) {
+        return;
+    }
+    let mut key = RetiredKey {
+        sock,
+        start_ns: info.start_ns,
+        ..RetiredKey::default()
+    };
+    if let Some(peer) = peer {
+        key.peer = peer.addr;
+        key.peer_port = peer.port;
+        key.udp_flow = 1;
+    }
+    if NETFLOW_RETIRED.insert(&key, info, 0).is_err() {
         count(NETFLOW_STAT_STALE_LOST);
     }
 }
@@ -763,8 +790,8 @@ fn still_ours(ctx: *mut c_void, sk: *const u8, info: *mut ConnInfo) -> bool {
     if let Some(nest) = Nest::enter() {
         if info.flags & CONN_F_FINAL == 0 {
             retire(ctx, &nest, sk as u64, info);
-        } else if !super::closed_events::submit(ctx, &nest, sk as u64, info, None) {
-            count(NETFLOW_STAT_STALE_LOST);
+        } else {
+            hand_over(ctx, &nest, sk as u64, info, None);
         }
     }
     let _ = NETFLOW_CONNS.remove(&(sk as u64));
@@ -846,9 +873,7 @@ fn udp_flow(
             return;
         }
         info.flags |= CONN_F_FINAL;
-        if !super::closed_events::submit(ctx, nest, sock, info, Some(peer)) {
-            count(NETFLOW_STAT_STALE_LOST);
-        }
+        hand_over(ctx, nest, sock, info, Some(peer));
         let _ = NETFLOW_UDP.remove(&key);
     }
     // Slot 1 of this level (slot 0 may hold `template`).

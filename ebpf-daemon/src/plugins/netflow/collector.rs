@@ -15,11 +15,11 @@ use aya::{
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, FExit, KProbe, TracePoint},
 };
 use ebpf_common::netflow::{
-    CLASSIC_IO_LAYOUT, CONN_F_FINAL, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
+    CLASSIC_IO_LAYOUT, CLOSED_MAP, CONN_F_FINAL, CONNS_MAP, ClosedConn, ConnInfo, IPPROTO_TCP,
     NETFLOW_STAT_MAP_FULL, NETFLOW_STAT_NESTED, NETFLOW_STAT_READ_FAILED,
-    NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, OFFSETS_GLOBAL, STATS_MAP,
-    TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_PEERS_CGROUP, UDP_PEERS_OFF,
-    UDP_PEERS_SYSCALLS, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
+    NETFLOW_STAT_RINGBUF_FULL, NETFLOW_STAT_STALE_LOST, OFFSETS_GLOBAL, RETIRED_MAP, RetiredKey,
+    STATS_MAP, TP_OFFSETS_GLOBAL, TracepointOffsets, UDP_FLOWS_MAP, UDP_PEERS_CGROUP,
+    UDP_PEERS_OFF, UDP_PEERS_SYSCALLS, UDP_UNCONNECTED_GLOBAL, UdpFlowKey,
 };
 use tracing::{debug, info, warn};
 
@@ -79,7 +79,7 @@ const LOSSES: &[(u32, &str)] = &[
     ),
     (
         NETFLOW_STAT_STALE_LOST,
-        "entries of freed sockets replaced before their last counts left: ring or perf buffer full",
+        "entries of freed sockets replaced before their last counts left: ring or perf buffer and retired map full",
     ),
 ];
 
@@ -354,6 +354,8 @@ pub struct NetflowCollector {
     ebpf: Ebpf,
     conns: HashMap<MapData, u64, ConnInfo>,
     udp_flows: HashMap<MapData, UdpFlowKey, ConnInfo>,
+    /// Final entries that made room while the ring or perf buffer was full.
+    retired: HashMap<MapData, RetiredKey, ConnInfo>,
     closed: ClosedReader,
     losses: KernelLosses,
     /// Program runs the kernel skipped (`recursion_misses`): calls not counted.
@@ -401,8 +403,17 @@ impl NetflowCollector {
             }
             _ => TracepointOffsets::default(),
         };
+        // Test hook: a small ring buffer (bytes, a power of two of pages) overflows in a burst,
+        // as the default one would for a daemon starved of CPU.
+        let ring_bytes = std::env::var("DKE_TEST_NETFLOW_RING_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok());
         let load_object = |udp_peers: u32| {
-            EbpfLoader::new()
+            let mut loader = EbpfLoader::new();
+            if let (Some(bytes), ClosedEvents::RingBuffer) = (ring_bytes, closed_events) {
+                loader.map_max_entries(CLOSED_MAP, bytes);
+            }
+            loader
                 .btf(btf.as_ref())
                 .override_global(OFFSETS_GLOBAL, &offsets, true)
                 .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
@@ -426,6 +437,7 @@ impl NetflowCollector {
         info!("netflow: unconnected UDP {udp_peers}");
         let conns = HashMap::try_from(ebpf.take_map(CONNS_MAP).context("connection map")?)?;
         let udp_flows = HashMap::try_from(ebpf.take_map(UDP_FLOWS_MAP).context("UDP flow map")?)?;
+        let retired = HashMap::try_from(ebpf.take_map(RETIRED_MAP).context("retired map")?)?;
         let closed = ClosedReader::open(&mut ebpf, closed_events)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
         let misses = Misses::each_program("netflow", &ebpf);
@@ -439,6 +451,7 @@ impl NetflowCollector {
             ebpf,
             conns,
             udp_flows,
+            retired,
             closed,
             losses: KernelLosses::new("netflow", stats, LOSSES),
             misses,
@@ -519,6 +532,14 @@ impl NetflowCollector {
         // close record and then deletes the entry, so every connection missing from the walk
         // has its record in the buffer by now, and one closing after the walk was seen live.
         self.closed.drain(closed);
+        // Then the entries that made room while the buffer was full (written before their
+        // replacement, so also before the walk).
+        let retired: Vec<(RetiredKey, ConnInfo)> =
+            self.retired.iter().filter_map(Result::ok).collect();
+        for (key, info) in retired {
+            let _ = self.retired.remove(&key);
+            closed.push(key.record(info));
+        }
         let closed_records = closed.len();
         // A UDP flow's final record names the flow by its key: give it the flow's id.
         for record in closed.iter_mut() {
