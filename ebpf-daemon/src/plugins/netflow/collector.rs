@@ -360,6 +360,8 @@ pub struct NetflowCollector {
     losses: KernelLosses,
     /// Program runs the kernel skipped (`recursion_misses`): calls not counted.
     misses: Misses,
+    /// Test hook (`DKE_TEST_NETFLOW_SLOW_DRAIN`): closed records are read only at sweeps.
+    slow_drain: bool,
     /// The kprobe tier's kretprobes (removed on drop), and the returns they missed so far.
     kretprobes: Vec<Kretprobe>,
     kretprobe_missed: u64,
@@ -403,9 +405,9 @@ impl NetflowCollector {
             }
             _ => TracepointOffsets::default(),
         };
-        // Test hook: a small ring buffer (bytes, a power of two of pages) overflows in a burst,
-        // as the default one would for a daemon starved of CPU.
-        let ring_bytes = std::env::var("DKE_TEST_NETFLOW_RING_BYTES")
+        // Test hook: a daemon that falls behind, as one starved of CPU in a burst would: a
+        // ring buffer of this many bytes (a power of two of pages), read only at sweeps.
+        let ring_bytes = std::env::var("DKE_TEST_NETFLOW_SLOW_DRAIN")
             .ok()
             .and_then(|v| v.parse::<u32>().ok());
         let load_object = |udp_peers: u32| {
@@ -457,6 +459,7 @@ impl NetflowCollector {
             misses,
             kretprobes,
             kretprobe_missed: 0,
+            slow_drain: ring_bytes.is_some(),
             tracker: Tracker::new(options),
             resolver: ProcResolver::new(config.host_proc.clone()),
         })
@@ -476,7 +479,7 @@ impl NetflowCollector {
         tick.tick().await; // the first tick is immediate: the first report is one interval in
         loop {
             tokio::select! {
-                drained = self.closed.wait_and_drain(&mut closed) => drained?,
+                drained = self.closed.wait_and_drain(&mut closed), if !self.slow_drain => drained?,
                 _ = tick.tick() => {
                     self.report(&ctx, &mut closed);
                     self.losses.report();
