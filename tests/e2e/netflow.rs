@@ -1189,3 +1189,76 @@ fn udp_unconnected_unbound_dual_stack_client_exact_bytes() {
     }
     unbound_udp_client_exact_bytes("nf-udp-any46", Ipv6Addr::UNSPECIFIED.into(), false);
 }
+
+/// `pid` and `process_name` are those of the process that made the connection, also when its
+/// socket's memory was another process's connection a moment before: connections from short-
+/// lived bash processes (`/dev/tcp`) alternate with the test's own, to one server port.
+#[test]
+fn pid_is_the_connecting_process_when_socket_memory_is_reused() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-pid");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &[]);
+    let pair = NetPair::create("pid");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let client_ns = pair.a.inode();
+    const ROUNDS: usize = 30;
+    let listener = netns::tcp_listen(&pair.b, server_ip, 0);
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::Read as _;
+        for _ in 0..2 * ROUNDS {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut sink = Vec::new();
+            stream.read_to_end(&mut sink).unwrap();
+        }
+    });
+    let target = std::net::SocketAddr::new(server_ip, port);
+    let mut bash_pids = Vec::new();
+    for _ in 0..ROUNDS {
+        // bash's builtins only: the connecting and writing process is bash itself.
+        let script = format!("exec 3<>/dev/tcp/{server_ip}/{port}; printf '%01000d' 0 >&3");
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &pair.a.name, "bash", "-c", &script])
+            .spawn()
+            .unwrap();
+        bash_pids.push(child.id());
+        assert!(child.wait().unwrap().success());
+        let stream = netns::tcp_connect(&pair.a, target);
+        use std::io::Write as _;
+        (&stream).write_all(&[7u8; 2000]).unwrap();
+    }
+    server.join().unwrap();
+    let own_pid = std::process::id().to_string();
+    let ours = |p: &Point, pid: &str| {
+        is_row(p, client_ip, server_ip, "outgoing", client_ns)
+            && p.tag("dst_port") == Some(port.to_string().as_str())
+            && p.tag("pid") == Some(pid)
+    };
+    let own = |p: &Point| ours(p, &own_pid);
+    let points = wait_total(
+        &datakit,
+        &daemon,
+        "bytes_written",
+        2000 * ROUNDS as i64,
+        own,
+    );
+    let rows = netflow(&points);
+    for pid in &bash_pids {
+        let pid = pid.to_string();
+        let bash = |p: &Point| ours(p, &pid);
+        assert_eq!(sum(&rows, "bytes_written", bash), 1000, "bash pid {pid}");
+        assert_eq!(sum(&rows, "tcp_established", bash), 1, "bash pid {pid}");
+        let names: Vec<_> = rows
+            .iter()
+            .filter(|p| bash(p))
+            .filter_map(|p| p.tag("process_name"))
+            .collect();
+        assert!(names.iter().all(|n| *n == "bash"), "{names:?}");
+    }
+    assert_eq!(sum(&rows, "tcp_established", own), ROUNDS as i64);
+    assert!(daemon.terminate().success());
+}
