@@ -723,10 +723,16 @@ fn on_destroy(ctx: *mut c_void, sk: *const u8) {
     info.last_ns = unsafe { bpf_ktime_get_ns() };
     if super::closed_events::submit(ctx, &nest, key, info, None) {
         let _ = NETFLOW_CONNS.remove(&key);
-    } else {
-        // Left in the map flagged final: the daemon collects it at its next sweep.
-        count(NETFLOW_STAT_RINGBUF_FULL);
+        return;
     }
+    count(NETFLOW_STAT_RINGBUF_FULL);
+    // Deferred to the daemon's next sweep, in the retired map: its key (socket and start) is
+    // this connection's alone, so the daemon's delete there can never hit a newer socket's
+    // entry, as a delete in the connection map could once the address is reused.
+    if to_retired(key, info, None) {
+        let _ = NETFLOW_CONNS.remove(&key);
+    }
+    // Else left in the connection map flagged final, for the sweep.
 }
 
 /// Hands a stale entry (its socket gone, the address now another socket's) over as final, so
@@ -742,9 +748,14 @@ fn retire(ctx: *mut c_void, nest: &Nest, key: u64, old: &mut ConnInfo) {
 /// and counted, only when both are full. `peer`: the rest of an unconnected UDP flow's key.
 #[inline(always)]
 fn hand_over(ctx: *mut c_void, nest: &Nest, sock: u64, info: &ConnInfo, peer: Option<&Peer>) {
-    if super::closed_events::submit(ctx, nest, sock, info, peer) {
-        return;
+    if !super::closed_events::submit(ctx, nest, sock, info, peer) && !to_retired(sock, info, peer) {
+        count(NETFLOW_STAT_STALE_LOST);
     }
+}
+
+/// Puts a final entry in NETFLOW_RETIRED for the daemon's next sweep; false when it is full.
+#[inline(always)]
+fn to_retired(sock: u64, info: &ConnInfo, peer: Option<&Peer>) -> bool {
     let mut key = RetiredKey {
         sock,
         start_ns: info.start_ns,
@@ -755,9 +766,7 @@ fn hand_over(ctx: *mut c_void, nest: &Nest, sock: u64, info: &ConnInfo, peer: Op
         key.peer_port = peer.port;
         key.udp_flow = 1;
     }
-    if NETFLOW_RETIRED.insert(&key, info, 0).is_err() {
-        count(NETFLOW_STAT_STALE_LOST);
-    }
+    NETFLOW_RETIRED.insert(&key, info, 0).is_ok()
 }
 
 /// Whether the entry found for `sk` still belongs to the socket doing I/O there. TCP entries
