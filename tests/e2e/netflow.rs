@@ -167,6 +167,55 @@ fn is_row_any_ns(p: &Point, src: IpAddr, dst: IpAddr, direction: &str) -> bool {
         && p.tag("direction") == Some(direction)
 }
 
+/// One UDP exchange's two ends, as netflow reports them.
+struct UdpEnds {
+    client_ip: IpAddr,
+    server_ip: IpAddr,
+    client_ns: u64,
+    server_ns: u64,
+}
+
+impl UdpEnds {
+    fn client(&self, p: &Point) -> bool {
+        p.tag("transport") == Some("udp")
+            && is_row(
+                p,
+                self.client_ip,
+                self.server_ip,
+                "outgoing",
+                self.client_ns,
+            )
+    }
+
+    fn server(&self, p: &Point) -> bool {
+        p.tag("transport") == Some("udp")
+            && is_row(
+                p,
+                self.server_ip,
+                self.client_ip,
+                "incoming",
+                self.server_ns,
+            )
+    }
+
+    /// Waits until the client's rows carry exactly `sent` bytes written and `received` read,
+    /// and the server's the reverse; returns all points.
+    fn wait_exact(
+        &self,
+        datakit: &FakeDataKit,
+        daemon: &Daemon,
+        sent: i64,
+        received: i64,
+    ) -> Vec<Point> {
+        wait_total(datakit, daemon, "bytes_written", sent, |p| self.client(p));
+        wait_total(datakit, daemon, "bytes_read", received, |p| self.client(p));
+        wait_total(datakit, daemon, "bytes_read", sent, |p| self.server(p));
+        wait_total(datakit, daemon, "bytes_written", received, |p| {
+            self.server(p)
+        })
+    }
+}
+
 /// Waits until the rows matching `pred` carry `field` totalling `want`; returns all rows.
 fn wait_total(
     datakit: &FakeDataKit,
@@ -693,13 +742,14 @@ fn udp_unconnected_both_ends_via(
         &[100, 1000, 1472, 7],
         &[10, 20, 30, 40],
     );
-    let udp = |p: &Point| p.tag("transport") == Some("udp");
-    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
-    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
-    wait_total(&datakit, &daemon, "bytes_written", 2579, client);
-    wait_total(&datakit, &daemon, "bytes_read", 100, client);
-    wait_total(&datakit, &daemon, "bytes_read", 2579, server);
-    let points = wait_total(&datakit, &daemon, "bytes_written", 100, server);
+    let ends = UdpEnds {
+        client_ip,
+        server_ip,
+        client_ns,
+        server_ns,
+    };
+    let (client, server) = (|p: &Point| ends.client(p), |p: &Point| ends.server(p));
+    let points = ends.wait_exact(&datakit, &daemon, 2579, 100);
     let rows = netflow(&points);
     let s = rows.iter().find(|p| server(p)).unwrap();
     assert_eq!(
@@ -751,13 +801,13 @@ fn udp_unconnected_batches_exact_bytes() {
     assert_eq!(got.iter().map(|(n, _)| *n).sum::<usize>(), 60);
     server.join().unwrap();
     let (client_ip, server_ip): (IpAddr, IpAddr) = (client_ip.into(), server_ip.into());
-    let udp = |p: &Point| p.tag("transport") == Some("udp");
-    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
-    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
-    wait_total(&datakit, &daemon, "bytes_written", 600, client);
-    wait_total(&datakit, &daemon, "bytes_read", 60, client);
-    wait_total(&datakit, &daemon, "bytes_read", 600, server);
-    wait_total(&datakit, &daemon, "bytes_written", 60, server);
+    let ends = UdpEnds {
+        client_ip,
+        server_ip,
+        client_ns,
+        server_ns,
+    };
+    ends.wait_exact(&datakit, &daemon, 600, 60);
     assert!(daemon.terminate().success());
 }
 
@@ -1130,13 +1180,14 @@ fn unbound_udp_client_exact_bytes(name: &str, client_bind: IpAddr, server_v6: bo
     let (client_addr, server_addr) =
         netns::udp_exchange_from(&pair, client_bind, server_ip, 0, &[1000; 10], &[500; 10]);
     assert_eq!(client_addr.ip(), client_ip);
-    let udp = |p: &Point| p.tag("transport") == Some("udp");
-    let client = |p: &Point| udp(p) && is_row(p, client_ip, server_ip, "outgoing", client_ns);
-    let server = |p: &Point| udp(p) && is_row(p, server_ip, client_ip, "incoming", server_ns);
-    wait_total(&datakit, &daemon, "bytes_written", 10_000, client);
-    wait_total(&datakit, &daemon, "bytes_read", 5_000, client);
-    wait_total(&datakit, &daemon, "bytes_read", 10_000, server);
-    let points = wait_total(&datakit, &daemon, "bytes_written", 5_000, server);
+    let ends = UdpEnds {
+        client_ip,
+        server_ip,
+        client_ns,
+        server_ns,
+    };
+    let (client, server) = (|p: &Point| ends.client(p), |p: &Point| ends.server(p));
+    let points = ends.wait_exact(&datakit, &daemon, 10_000, 5_000);
     let rows = netflow(&points);
     let c = rows.iter().find(|p| client(p)).unwrap();
     assert_eq!(
