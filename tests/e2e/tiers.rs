@@ -237,6 +237,15 @@ fn rows_at(
     // A late duplicate would show up in the next interval.
     std::thread::sleep(Duration::from_millis(2500));
     let rows = canonical(&datakit.points(), &pair, &server_ports);
+    if rows != *expected {
+        // What the daemon said of losses (missed calls, full maps), for the failure report.
+        let log = daemon.log_text();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+        eprintln!(
+            "{tier}: rows differ; the daemon's warnings:\n{}",
+            warnings.join("\n")
+        );
+    }
     assert!(daemon.terminate().success(), "{}", daemon.log_text());
     rows
 }
