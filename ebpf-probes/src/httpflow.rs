@@ -1,26 +1,35 @@
-//! httpflow: the first bytes of reads and writes on HTTP sockets, for the daemon to parse.
+//! httpflow: HTTP/1.x parsed in the kernel, one record per completed exchange.
 //!
 //! - `syscalls:sys_enter_*` of read, write, recvfrom, sendto, readv, writev, recvmsg, sendmsg and
 //!   sendfile64 resolve the fd to its socket (task → files → fdtable → file → socket → sock,
 //!   offsets from BTF) and, for a TCP socket not known to be something else, remember (socket,
-//!   buffer) per thread; `sys_exit_*` with a positive return classifies the socket's first
-//!   bytes (HTTP method or `HTTP/1.` status line). An HTTP socket's calls go to userspace (call
-//!   length plus the first `CAPTURE` bytes); any other socket is marked and costs the fd walk
-//!   and one map lookup per call afterwards. Classic tracepoints exist on
-//!   every kernel this project supports, unlike kprobes and trampolines (absent on its CI host).
-//! - `sock:inet_sock_set_state` to CLOSE: the classification is forgotten (the kernel reuses
-//!   socket memory) and the daemon told that the connection ended.
+//!   buffer) per thread; `sys_exit_*` with a positive return hands the call to the connection's
+//!   state machine ([`on_data`]). Classic tracepoints exist on every kernel this project
+//!   supports, unlike kprobes and trampolines (absent on its CI host).
+//! - The state machine classifies a socket by its first bytes (an HTTP method or `HTTP/1.`);
+//!   any other socket is marked and costs the fd walk and one lookup per call afterwards. On an
+//!   HTTP socket it scans each message head once (method, path prefix, status, head length,
+//!   Content-Length), counts every call's bytes against the message under way, pairs the
+//!   request with its response and, when the response is complete (its length is reached, the
+//!   next request starts or the connection closes), writes one [`HttpExchange`] to a ring buffer
+//!   that wakes the daemon only past [`WAKEUP_BYTES`]. Body bytes never leave the kernel.
+//! - Pipelined requests (a request starting before the previous one was answered) cannot be
+//!   paired without queueing them: such a connection falls back, counted, to the old path for
+//!   good: its calls' first `CAPTURE` bytes go to userspace as [`HttpEvent`]s, after a seed
+//!   record with the request the kernel had already parsed.
+//! - `sock:inet_sock_set_state` to CLOSE: the exchange under way ends (a response delimited by
+//!   the close) and the connection's state is dropped (the kernel reuses socket memory).
 //! - fentry tier (opt-in, instead of the syscall tracepoints): fentry and fexit on
 //!   `inet_sendmsg`/`inet_recvmsg` (and inet6_*). Since syscall tracepoints became faultable
 //!   (6.14+) their programs run preemptibly and the kernel skips a run on a CPU where another
 //!   is preempted mid-way, losing calls; trampoline programs are preemptible too under full or
 //!   lazy preemption, so each hook has twin programs (below).
 //!   The fentry half takes the socket and the user buffer from `struct msghdr`'s iterator
-//!   (before the call advances it), the fexit half classifies and captures as above.
+//!   (before the call advances it), the fexit half runs the state machine as above.
 //! - OpenSSL uprobes (`httpflow-tls`): `SSL_read`/`SSL_write`(`_ex`) remember the plain-text
 //!   buffer per thread; the syscall the library makes meanwhile names the socket (and is not
-//!   classified itself: it carries ciphertext); the return sends the plain text as for a plain
-//!   socket, under the socket's id with bit 0 set.
+//!   parsed itself: it carries ciphertext); the return runs the same state machine on the plain
+//!   text, under the socket's id with bit 0 set.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(not(target_arch = "bpf"))]
@@ -39,10 +48,15 @@ mod probe {
         programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
     };
     use ebpf_common::httpflow::{
-        CAPTURE, DIR_READ, DIR_WRITE, FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_READ_FAILED,
-        HTTP_STAT_RINGBUF_FULL, HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HttpEvent,
-        HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, MAX_ATTEMPTS, MAX_SOCKS, SOCK_HTTP,
-        SOCK_OTHER, SOCK_UNKNOWN, SockState,
+        BODY_UNKNOWN, CAPTURE, DIR_READ, DIR_WRITE, EX_INTERIM, EX_OUTGOING, EX_TLS, EX_TRUNCATED,
+        FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_EXCHANGES, HTTP_STAT_FALLBACKS,
+        HTTP_STAT_ORPHAN_RESPONSES, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
+        HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HttpConn, HttpEvent,
+        HttpExchange, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, KIND_SEED, MAX_ATTEMPTS,
+        MAX_SOCKS, METHOD_HEAD, METHODS, PATH_CAPTURE, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE,
+        REQ_DIR_READ, REQ_DIR_UNKNOWN, REQ_DIR_WRITE, SCAN_CONTENT_LENGTH, SCAN_ENDED,
+        SCAN_GAVE_UP, SCAN_IN_LENGTH, SCAN_TRANSFER_ENCODING, SOCK_FALLBACK, SOCK_HTTP, SOCK_OTHER,
+        SOCK_UNKNOWN, SOCK_UPGRADED, TARGET_DONE, TARGET_IN, TARGET_METHOD, WAKEUP_BYTES,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -87,12 +101,24 @@ mod probe {
     #[unsafe(no_mangle)]
     static HTTP_OWN_PID: u32 = 0;
 
-    /// 4 MiB: about 3,600 events between two reads by the daemon.
+    /// 2 MiB: about 5,700 exchanges between two drains by the daemon (it drains at least
+    /// every 100 ms, and is woken past WAKEUP_BYTES).
     #[map]
-    static HTTPFLOW_EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+    static HTTPFLOW_EXCHANGES: RingBuf = RingBuf::with_byte_size(2 * 1024 * 1024, 0);
+
+    /// Calls of connections in fallback: about 900 between two drains.
+    #[map]
+    static HTTPFLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
     #[map]
-    static HTTPFLOW_SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+    static HTTPFLOW_CONNS: LruHashMap<u64, HttpConn> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+
+    /// Per CPU: the bytes of the head being scanned, and a blank connection to insert from
+    /// (both too big for the 512-byte BPF stack).
+    #[map]
+    static SCRATCH: PerCpuArray<[u8; CAPTURE]> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    static BLANK: PerCpuArray<HttpConn> = PerCpuArray::with_max_entries(1, 0);
 
     #[map]
     static HTTPFLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HTTP_STAT_COUNT, 0);
@@ -222,7 +248,9 @@ mod probe {
             return 0;
         }
         // SAFETY: a read of the map value.
-        if unsafe { HTTPFLOW_SOCKS.get(&sk) }.is_some_and(|s| s.state == SOCK_OTHER) {
+        if unsafe { HTTPFLOW_CONNS.get(&sk) }
+            .is_some_and(|c| c.state == SOCK_OTHER || c.state == SOCK_UPGRADED)
+        {
             return 0;
         }
         let call = Call {
@@ -299,7 +327,7 @@ mod probe {
                 return 0;
             }
         };
-        on_data(sk as u64, sk, src, avail, ret as u64, call.direction, 0);
+        on_data(sk as u64, sk, src, avail, ret as u64, call.direction, false);
         0
     }
 
@@ -471,7 +499,7 @@ mod probe {
         if SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
             return 0;
         }
-        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, 0);
+        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false);
         0
     }
 
@@ -543,82 +571,637 @@ mod probe {
         Ok((base + skip, len - skip))
     }
 
-    /// True when the first bytes start an HTTP/1 request (any method the daemon knows, followed
-    /// by a space) or response (`HTTP/1.`).
-    fn looks_http(b: &[u8; 8]) -> bool {
-        const PREFIXES: [&[u8]; 10] = [
-            b"GET ",
-            b"PUT ",
-            b"POST ",
-            b"HEAD ",
-            b"DELETE ",
-            b"OPTIONS ",
-            b"PATCH ",
-            b"CONNECT ",
-            b"TRACE ",
-            b"HTTP/1.",
-        ];
+    /// The first bytes of a call (at most 16, zero-padded), when at least 8 are readable.
+    #[inline(always)]
+    fn prefix(src: u64, avail: u64) -> Option<[u8; 16]> {
+        if src == 0 || avail < 8 {
+            return None;
+        }
+        if avail >= 16 {
+            // SAFETY: checked user-memory read.
+            return unsafe { bpf_probe_read_user(src as *const [u8; 16]) }.ok();
+        }
+        // SAFETY: checked user-memory read.
+        let head = unsafe { bpf_probe_read_user(src as *const [u8; 8]) }.ok()?;
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&head);
+        Some(out)
+    }
+
+    /// The method code when `p` starts a request (a method the daemon knows, then a space).
+    fn request_method(p: &[u8; 16]) -> u8 {
         let mut i = 0;
-        while i < PREFIXES.len() {
-            let p = PREFIXES[i];
+        while i < METHODS.len() {
+            let m = METHODS[i];
             let mut j = 0;
             let mut same = true;
-            while j < p.len() {
-                if b[j] != p[j] {
+            while j < m.len() {
+                if p[j] != m[j] {
                     same = false;
                     break;
                 }
                 j += 1;
             }
-            if same {
-                return true;
+            if same && p[m.len() & 15] == b' ' {
+                return i as u8 + 1;
             }
             i += 1;
+        }
+        0
+    }
+
+    /// `(status, minor version)` when `p` starts a response (`HTTP/1.x ddd`).
+    fn response_status(p: &[u8; 16]) -> Option<(u16, u8)> {
+        if &p[..7] != b"HTTP/1." || p[8] != b' ' {
+            return None;
+        }
+        let mut status: u16 = 0;
+        let mut i = 9;
+        while i < 12 {
+            let d = p[i].wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            status = status * 10 + d as u16;
+            i += 1;
+        }
+        Some((status, p[7]))
+    }
+
+    /// `key`: the connection's id (the socket's address, | FLAG_TLS for plain text from
+    /// OpenSSL); `src`, `avail`: the contiguous user bytes the call moved first (0, 0: none
+    /// readable, as for sendfile); `total`: what it moved in all; `dir`: `DIR_*`.
+    #[inline(always)]
+    fn on_data(key: u64, sk: *const u8, src: u64, avail: u64, total: u64, dir: u32, tls: bool) {
+        let mut first = None;
+        let conn = match HTTPFLOW_CONNS.get_ptr_mut(&key) {
+            Some(conn) => conn,
+            None => {
+                let Some(blank) = BLANK.get_ptr_mut(0) else {
+                    return;
+                };
+                // SAFETY: this CPU's scratch slot, reset before use.
+                unsafe {
+                    (*blank).state = SOCK_UNKNOWN;
+                    (*blank).attempts = 0;
+                    (*blank).phase = PHASE_IDLE;
+                    (*blank).req_dir = REQ_DIR_UNKNOWN;
+                    if HTTPFLOW_CONNS.insert(&key, &*blank, 0).is_err() {
+                        return;
+                    }
+                }
+                match HTTPFLOW_CONNS.get_ptr_mut(&key) {
+                    Some(conn) => conn,
+                    None => return,
+                }
+            }
+        };
+        // Through a raw pointer: the global functions below write the same entry.
+        let c = conn;
+        // SAFETY: `c` is the live map entry of `key` (see the function's contract).
+        unsafe {
+            match (*c).state {
+                SOCK_HTTP => {}
+                SOCK_FALLBACK => {
+                    emit(key, sk, src, avail, total, KIND_DATA, dir, tls);
+                    return;
+                }
+                SOCK_UNKNOWN => {
+                    first = prefix(src, avail);
+                    let http = match &first {
+                        Some(p) => request_method(p) != 0 || response_status(p).is_some(),
+                        None => false,
+                    };
+                    if !http {
+                        (*c).attempts = (*c).attempts.saturating_add(1);
+                        if (*c).attempts >= MAX_ATTEMPTS {
+                            (*c).state = SOCK_OTHER;
+                        }
+                        return;
+                    }
+                    (*c).state = SOCK_HTTP;
+                }
+                _ => return,
+            }
+            let now = bpf_ktime_get_ns();
+            let head = match first {
+                Some(head) => Some(head),
+                None => prefix(src, avail),
+            };
+            let Some(head) = head else {
+                // Nothing readable (sendfile, a kernel buffer): bytes of the message under way.
+                add_bytes(c, key, total, dir, now);
+                return;
+            };
+            let method = request_method(&head);
+            let is_req = match (*c).req_dir {
+                REQ_DIR_READ => dir == DIR_READ,
+                REQ_DIR_WRITE => dir == DIR_WRITE,
+                _ => {
+                    // A connection is followed from its first request.
+                    if method == 0 {
+                        if response_status(&head).is_some() {
+                            count(HTTP_STAT_ORPHAN_RESPONSES);
+                        }
+                        return;
+                    }
+                    (*c).req_dir = if dir == DIR_WRITE {
+                        REQ_DIR_WRITE
+                    } else {
+                        REQ_DIR_READ
+                    };
+                    true
+                }
+            };
+            if is_req {
+                on_request_call(c, key, sk, method, src, avail, total, dir, now, tls);
+            } else {
+                on_response_call(c, key, &head, src, avail, total, now);
+            }
+        }
+    }
+
+    /// A call in the requests' direction with readable bytes.
+    /// SAFETY: `c` points at the live map entry of `key`.
+    #[inline(always)]
+    unsafe fn on_request_call(
+        c: *mut HttpConn,
+        key: u64,
+        sk: *const u8,
+        method: u8,
+        src: u64,
+        avail: u64,
+        total: u64,
+        dir: u32,
+        now: u64,
+        tls: bool,
+    ) {
+        // SAFETY: `c` is the live map entry of `key` (see the function's contract).
+        unsafe {
+            if (*c).phase == PHASE_REQUEST {
+                if (*c).scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
+                    // The head continues (written in several calls).
+                    let used = scan_head(key, src, avail, total, true);
+                    body_after_head(&mut *c, total - used);
+                } else if method != 0 && (*c).body_left == 0 {
+                    // A second request before the first was answered: pipelining.
+                    fall_back(&mut *c, key, sk, dir, tls, true);
+                    emit(key, sk, src, avail, total, KIND_DATA, dir, tls);
+                    return;
+                } else {
+                    consume_body(&mut *c, total);
+                }
+                (*c).req_bytes += total;
+                (*c).req_end_ns = now;
+                return;
+            }
+            if method == 0 {
+                // A request body still arriving after the response started (an early answer).
+                if (*c).phase == PHASE_RESPONSE {
+                    (*c).req_bytes += total;
+                }
+                return;
+            }
+            if (*c).phase == PHASE_RESPONSE {
+                // Keep-alive: the next request ends the previous response.
+                complete(key);
+            }
+            let pid_tgid = bpf_get_current_pid_tgid();
+            (*c).phase = PHASE_REQUEST;
+            (*c).method = method;
+            (*c).flags = if tls { EX_TLS } else { 0 }
+                | if (*c).req_dir == REQ_DIR_WRITE {
+                    EX_OUTGOING
+                } else {
+                    0
+                };
+            (*c).status = 0;
+            (*c).minor = 0;
+            (*c).path_len = 0;
+            (*c).pid = (pid_tgid >> 32) as u32;
+            (*c).comm = bpf_get_current_comm().unwrap_or_default();
+            (*c).req_bytes = total;
+            (*c).resp_bytes = 0;
+            (*c).req_end_ns = now;
+            (*c).resp_ns = 0;
+            (*c).scan = Default::default();
+            let used = scan_head(key, src, avail, total, true);
+            if (*c).scan.flags & SCAN_ENDED != 0 {
+                let body = request_body(&*c);
+                if body != BODY_UNKNOWN && used + body < total {
+                    // More requests in the same call: pipelining. Userspace frames this call and
+                    // the rest of the connection.
+                    (*c).phase = PHASE_IDLE;
+                    fall_back(&mut *c, key, sk, dir, tls, false);
+                    emit(key, sk, src, avail, total, KIND_DATA, dir, tls);
+                    return;
+                }
+            }
+            body_after_head(&mut *c, total - used);
+        }
+    }
+
+    /// A call in the responses' direction with readable bytes.
+    /// SAFETY: `c` points at the live map entry of `key`.
+    #[inline(always)]
+    unsafe fn on_response_call(
+        c: *mut HttpConn,
+        key: u64,
+        head: &[u8; 16],
+        src: u64,
+        avail: u64,
+        total: u64,
+        now: u64,
+    ) {
+        // SAFETY: `c` is the live map entry of `key` (see the function's contract).
+        unsafe {
+            match (*c).phase {
+                PHASE_REQUEST => {
+                    let Some((status, minor)) = response_status(head) else {
+                        // Bytes after an interim response are its own (e.g. its head in two calls).
+                        if (*c).flags & EX_INTERIM != 0 {
+                            (*c).resp_bytes += total;
+                        }
+                        return;
+                    };
+                    (*c).resp_bytes += total;
+                    if (100..200).contains(&status) && status != 101 {
+                        // Interim (100 Continue): counted, the final response is still to come.
+                        (*c).flags |= EX_INTERIM;
+                        return;
+                    }
+                    (*c).phase = PHASE_RESPONSE;
+                    (*c).status = status;
+                    (*c).minor = minor;
+                    (*c).resp_ns = now;
+                    (*c).scan = Default::default();
+                    let used = scan_head(key, src, avail, total, false);
+                    if status == 101 {
+                        // Switched protocols: what follows is not HTTP/1.
+                        complete(key);
+                        (*c).state = SOCK_UPGRADED;
+                        return;
+                    }
+                    body_after_head(&mut *c, total - used);
+                }
+                PHASE_RESPONSE => {
+                    (*c).resp_bytes += total;
+                    if (*c).scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
+                        let used = scan_head(key, src, avail, total, false);
+                        body_after_head(&mut *c, total - used);
+                    } else {
+                        consume_body(&mut *c, total);
+                    }
+                }
+                _ => {
+                    if response_status(head).is_some() {
+                        count(HTTP_STAT_ORPHAN_RESPONSES);
+                    }
+                    return;
+                }
+            }
+            if (*c).phase == PHASE_RESPONSE && (*c).body_left == 0 {
+                complete(key);
+            }
+        }
+    }
+
+    /// Bytes with nothing readable (sendfile): the body of the message under way.
+    /// SAFETY: `c` points at the live map entry of `key`.
+    #[inline(always)]
+    unsafe fn add_bytes(c: *mut HttpConn, key: u64, total: u64, dir: u32, now: u64) {
+        // SAFETY: `c` is the live map entry of `key` (see the function's contract).
+        unsafe {
+            let is_req = match (*c).req_dir {
+                REQ_DIR_READ => dir == DIR_READ,
+                REQ_DIR_WRITE => dir == DIR_WRITE,
+                _ => return,
+            };
+            if is_req {
+                if (*c).phase == PHASE_REQUEST {
+                    (*c).req_bytes += total;
+                    (*c).req_end_ns = now;
+                    consume_body(&mut *c, total);
+                } else if (*c).phase == PHASE_RESPONSE {
+                    (*c).req_bytes += total;
+                }
+            } else if (*c).phase == PHASE_RESPONSE {
+                (*c).resp_bytes += total;
+                if (*c).scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
+                    // A head cut by a call we cannot read: its length is lost.
+                    (*c).scan.flags |= SCAN_GAVE_UP;
+                    (*c).body_left = BODY_UNKNOWN;
+                }
+                consume_body(&mut *c, total);
+                if (*c).body_left == 0 {
+                    complete(key);
+                }
+            }
+        }
+    }
+
+    /// The body length a finished request head announces (none without Content-Length or
+    /// Transfer-Encoding).
+    fn request_body(c: &HttpConn) -> u64 {
+        if c.scan.flags & SCAN_TRANSFER_ENCODING != 0 {
+            BODY_UNKNOWN
+        } else if c.scan.flags & SCAN_CONTENT_LENGTH != 0 {
+            c.scan.content_length
+        } else {
+            0
+        }
+    }
+
+    /// The body length a finished response head announces.
+    fn response_body(c: &HttpConn) -> u64 {
+        if c.method == METHOD_HEAD || c.status == 204 || c.status == 304 {
+            0
+        } else if c.scan.flags & SCAN_TRANSFER_ENCODING != 0 {
+            BODY_UNKNOWN
+        } else if c.scan.flags & SCAN_CONTENT_LENGTH != 0 {
+            c.scan.content_length
+        } else {
+            // Delimited by the close.
+            BODY_UNKNOWN
+        }
+    }
+
+    /// The head scan of the current message moved on; `rest`: the call's bytes after it.
+    #[inline(always)]
+    fn body_after_head(c: &mut HttpConn, rest: u64) {
+        if c.scan.flags & SCAN_ENDED != 0 {
+            c.body_left = if c.phase == PHASE_REQUEST {
+                request_body(c)
+            } else {
+                response_body(c)
+            };
+            consume_body(c, rest);
+        } else if c.scan.flags & SCAN_GAVE_UP != 0 {
+            c.body_left = BODY_UNKNOWN;
+        }
+    }
+
+    #[inline(always)]
+    fn consume_body(c: &mut HttpConn, n: u64) {
+        if c.body_left != BODY_UNKNOWN {
+            c.body_left -= if n < c.body_left { n } else { c.body_left };
+        }
+    }
+
+    /// Scans the call's head bytes (from `src`, at most `avail` contiguous of `total`) into
+    /// `c.scan` (and `c.path` for a request); returns how many of them belong to the head.
+    #[inline(always)]
+    fn scan_head(key: u64, src: u64, avail: u64, total: u64, request: bool) -> u64 {
+        httpflow_scan(key, src, avail, total, request as u64)
+    }
+
+    /// [`scan_head`] as a global BPF function: the verifier checks it once, on its own, rather
+    /// than at every call site along every path (its loop alone is ~1,000 iterations).
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn httpflow_scan(
+        key: u64,
+        src: u64,
+        avail: u64,
+        total: u64,
+        request: u64,
+    ) -> u64 {
+        let request = request != 0;
+        let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
+            return 0;
+        };
+        // SAFETY: a live map entry.
+        let c = unsafe { &mut *conn };
+        let seen = c.scan.seen as u64;
+        let room = CAPTURE as u64
+            - if seen < CAPTURE as u64 {
+                seen
+            } else {
+                CAPTURE as u64
+            };
+        let mut n = if avail < total { avail } else { total };
+        if n > room {
+            n = room;
+        }
+        if src == 0 {
+            n = 0;
+        }
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            return 0;
+        };
+        // Bounded right before the helper call: older verifiers (5.10) lose a scalar's
+        // bounds when it is spilled across other calls.
+        let len = (n as u32) & (2 * CAPTURE as u32 - 1);
+        let len = if len > CAPTURE as u32 {
+            CAPTURE as u32
+        } else {
+            len
+        };
+        // SAFETY: `buf` is this CPU's CAPTURE-byte slot and len <= CAPTURE.
+        if len > 0 && unsafe { raw_read_user(buf as *mut _, len, src as *const _) } != 0 {
+            count(HTTP_STAT_READ_FAILED);
+            c.scan.flags |= SCAN_GAVE_UP;
+            return 0;
+        }
+        let mut i: u32 = 0;
+        while i < len && i < CAPTURE as u32 {
+            // SAFETY: i < CAPTURE.
+            let b = unsafe { (*buf)[(i as usize) & (CAPTURE - 1)] };
+            i += 1;
+            if scan_byte(c, b, request) {
+                break;
+            }
+        }
+        if c.scan.flags & SCAN_ENDED == 0 {
+            if c.scan.seen as usize >= CAPTURE {
+                // Longer than we read: cut.
+                c.scan.flags |= SCAN_GAVE_UP;
+                c.flags |= EX_TRUNCATED;
+            } else if (i as u64) < total {
+                // The head goes on in bytes we cannot see (another iovec).
+                c.scan.flags |= SCAN_GAVE_UP;
+            }
+        }
+        i as u64
+    }
+
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+
+    /// One head byte; true at the head's end (CRLF CRLF).
+    #[inline(always)]
+    fn scan_byte(c: &mut HttpConn, b: u8, request: bool) -> bool {
+        let s = &mut c.scan;
+        s.seen += 1;
+        s.w1 = (s.w1 << 8) | (s.w0 >> 56);
+        s.w0 = (s.w0 << 8) | b as u64;
+        if request && s.target != TARGET_DONE {
+            if s.target == TARGET_METHOD {
+                if b == b' ' {
+                    s.target = TARGET_IN;
+                }
+            } else if b == b' ' || b == b'?' || b == b'\r' || b == b'\n' {
+                s.target = TARGET_DONE;
+            } else if (c.path_len as usize) < PATH_CAPTURE {
+                c.path[(c.path_len as usize) & (PATH_CAPTURE - 1)] = b;
+                c.path_len += 1;
+            } else {
+                c.flags |= EX_TRUNCATED;
+                s.target = TARGET_DONE;
+            }
+        }
+        if s.flags & SCAN_IN_LENGTH != 0 {
+            let d = b.wrapping_sub(b'0');
+            if d <= 9 {
+                if s.content_length < (1 << 56) {
+                    s.content_length = s.content_length * 10 + d as u64;
+                }
+            } else if b != b' ' && b != b'\t' {
+                s.flags &= !SCAN_IN_LENGTH;
+            }
+        }
+        if b == b':' {
+            let lw0 = s.w0 | LOWER;
+            let lw1 = s.w1 | LOWER;
+            if lw0 == u64::from_be_bytes(*b"-length:")
+                && lw1 == u64::from_be_bytes(*b"*content")
+                && (s.w1 >> 56) as u8 == b'\n'
+            {
+                s.flags |= SCAN_IN_LENGTH | SCAN_CONTENT_LENGTH;
+                s.content_length = 0;
+            } else if lw0 == u64::from_be_bytes(*b"ncoding:")
+                && lw1 == u64::from_be_bytes(*b"ansfer-e")
+            {
+                s.flags |= SCAN_TRANSFER_ENCODING;
+            }
+        }
+        if s.w0 & 0xffff_ffff == 0x0d0a_0d0a {
+            s.flags |= SCAN_ENDED;
+            return true;
         }
         false
     }
 
-    /// `key`: the socket's id (| FLAG_TLS for plain text from OpenSSL); `src`, `avail`: the
-    /// contiguous user bytes the call moved first; `total`: what it moved in all.
+    /// The exchange under way is over: one record for userspace.
     #[inline(always)]
-    fn on_data(key: u64, sk: *const u8, src: u64, avail: u64, total: u64, dir: u32, flags: u32) {
-        match HTTPFLOW_SOCKS.get_ptr_mut(&key) {
-            // SAFETY: map value pointers below point into live entries.
-            Some(state) if unsafe { (*state).state } == SOCK_OTHER => return,
-            Some(state) if unsafe { (*state).state } == SOCK_HTTP => {}
-            found => {
-                // Unknown: classify this call's first bytes.
-                let http = avail >= 8
-                    && src != 0
-                    // SAFETY: checked user-memory read.
-                    && match unsafe { bpf_probe_read_user(src as *const [u8; 8]) } {
-                        Ok(head) => looks_http(&head),
-                        Err(_) => false,
-                    };
-                let mut next = SockState::default();
-                if let Some(state) = found {
-                    // SAFETY: live entry.
-                    next = unsafe { *state };
-                }
-                if http {
-                    next.state = SOCK_HTTP;
-                } else {
-                    next.attempts = next.attempts.saturating_add(1);
-                    if next.attempts >= MAX_ATTEMPTS {
-                        next.state = SOCK_OTHER;
-                    } else {
-                        next.state = SOCK_UNKNOWN;
-                    }
-                }
-                let _ = HTTPFLOW_SOCKS.insert(&key, &next, 0);
-                if !http {
-                    return;
-                }
-            }
-        }
-        emit(key, sk, src, avail, total, KIND_DATA, dir, flags);
+    fn complete(key: u64) {
+        httpflow_complete(key);
     }
 
+    /// [`complete`] as a global BPF function, checked once by the verifier.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn httpflow_complete(key: u64) -> u64 {
+        let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
+            return 0;
+        };
+        // SAFETY: a live map entry.
+        let c = unsafe { &mut *conn };
+        let sk = (key & !(FLAG_TLS as u64)) as *const u8;
+        let phase = c.phase;
+        c.phase = PHASE_IDLE;
+        if phase == PHASE_REQUEST || c.status == 0 {
+            count(HTTP_STAT_UNANSWERED);
+            return 0;
+        }
+        if phase != PHASE_RESPONSE {
+            return 0;
+        }
+        let Some(mut entry) = HTTPFLOW_EXCHANGES.reserve::<HttpExchange>(0) else {
+            count(HTTP_STAT_RINGBUF_FULL);
+            return 0;
+        };
+        let ex = entry.as_mut_ptr();
+        // SAFETY: `ex` is the reserved record, written field by field before submit.
+        unsafe {
+            (*ex).conn = key;
+            (*ex).latency_ns = c.resp_ns.saturating_sub(c.req_end_ns);
+            (*ex).req_bytes = c.req_bytes;
+            (*ex).resp_bytes = c.resp_bytes;
+            (*ex).pid = c.pid;
+            (*ex).status = c.status;
+            (*ex).path_len = c.path_len;
+            (*ex).method = c.method;
+            (*ex).flags = c.flags;
+            (*ex).minor = c.minor;
+            (*ex).comm = c.comm;
+            (*ex).path = c.path;
+            let mut addr = Addresses::default();
+            if describe(sk, &mut addr).is_err() {
+                count(HTTP_STAT_READ_FAILED);
+            }
+            (*ex).family = addr.family;
+            (*ex).sport = addr.sport;
+            (*ex).dport = addr.dport;
+            (*ex).saddr = addr.saddr;
+            (*ex).daddr = addr.daddr;
+            (*ex).netns = addr.netns;
+        }
+        entry.submit(wake_flags(&HTTPFLOW_EXCHANGES));
+        count(HTTP_STAT_EXCHANGES);
+        1
+    }
+
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+    /// Wake the daemon only when the ring fills up; it drains on its own timer otherwise.
+    #[inline(always)]
+    fn wake_flags(ring: &RingBuf) -> u64 {
+        if ring.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
+
+    /// From now on this connection's calls go to userspace. `seed`: the request under way
+    /// (parsed here, unanswered) goes first, so that userspace can pair it.
+    #[inline(always)]
+    fn fall_back(c: &mut HttpConn, key: u64, sk: *const u8, dir: u32, tls: bool, seed: bool) {
+        c.state = SOCK_FALLBACK;
+        count(HTTP_STAT_FALLBACKS);
+        if !seed || c.phase != PHASE_REQUEST {
+            return;
+        }
+        c.phase = PHASE_IDLE;
+        let Some(mut entry) = HTTPFLOW_EVENTS.reserve::<HttpEvent>(0) else {
+            count(HTTP_STAT_RINGBUF_FULL);
+            return;
+        };
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record, written field by field before submit.
+        unsafe {
+            (*ev).conn = key;
+            (*ev).ts_ns = c.req_end_ns;
+            (*ev).total = c.req_bytes;
+            (*ev).pid = c.pid;
+            (*ev).tid = 0;
+            (*ev).kind = KIND_SEED;
+            (*ev).direction = dir;
+            // The method code and whether the path was cut, for userspace.
+            (*ev).flags = if tls { FLAG_TLS } else { 0 }
+                | (c.method as u32) << 8
+                | if c.flags & EX_TRUNCATED != 0 {
+                    1 << 16
+                } else {
+                    0
+                };
+            (*ev).captured = c.path_len as u32;
+            (*ev).comm = c.comm;
+            let mut i = 0;
+            while i < PATH_CAPTURE {
+                (*ev).data[i] = c.path[i];
+                i += 1;
+            }
+            let mut addr = Addresses::default();
+            let _ = describe(sk, &mut addr);
+            fill_event_addresses(ev, &addr);
+        }
+        entry.submit(wake_flags(&HTTPFLOW_EVENTS));
+    }
+
+    /// One call (or a close) of a connection in fallback, for userspace to frame.
     #[inline(always)]
     fn emit(
         key: u64,
@@ -628,7 +1211,7 @@ mod probe {
         total: u64,
         kind: u32,
         dir: u32,
-        flags: u32,
+        tls: bool,
     ) {
         let Some(mut entry) = HTTPFLOW_EVENTS.reserve::<HttpEvent>(0) else {
             count(HTTP_STAT_RINGBUF_FULL);
@@ -665,36 +1248,59 @@ mod probe {
             (*ev).tid = pid_tgid as u32;
             (*ev).kind = kind;
             (*ev).direction = dir;
-            (*ev).flags = flags;
+            (*ev).flags = if tls { FLAG_TLS } else { 0 };
             (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-            if describe(sk, ev).is_err() {
+            let mut addr = Addresses::default();
+            if describe(sk, &mut addr).is_err() {
                 count(HTTP_STAT_READ_FAILED);
             }
+            fill_event_addresses(ev, &addr);
         }
-        entry.submit(0);
+        entry.submit(wake_flags(&HTTPFLOW_EVENTS));
     }
 
-    /// The connection's addresses into the event.
-    unsafe fn describe(sk: *const u8, ev: *mut HttpEvent) -> Result<(), ()> {
+    #[derive(Default)]
+    struct Addresses {
+        saddr: [u8; 16],
+        daddr: [u8; 16],
+        sport: u16,
+        dport: u16,
+        family: u16,
+        netns: u32,
+    }
+
+    /// SAFETY: `ev` must be a reserved ring-buffer record.
+    #[inline(always)]
+    unsafe fn fill_event_addresses(ev: *mut HttpEvent, addr: &Addresses) {
+        // SAFETY: per the caller.
+        unsafe {
+            (*ev).family = addr.family;
+            (*ev).sport = addr.sport;
+            (*ev).dport = addr.dport;
+            (*ev).saddr = addr.saddr;
+            (*ev).daddr = addr.daddr;
+            (*ev).netns = addr.netns;
+        }
+    }
+
+    /// The connection's addresses.
+    fn describe(sk: *const u8, out: &mut Addresses) -> Result<(), ()> {
         let off = offsets();
         let family: u16 = read(sk, off.skc_family)?;
-        // SAFETY: `ev` is a reserved ring-buffer record.
-        unsafe {
-            (*ev).family = family;
-            (*ev).sport = read(sk, off.skc_num)?;
-            (*ev).dport = u16::from_be(read(sk, off.skc_dport)?);
-            if family == AF_INET {
-                let saddr: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
-                let daddr: [u8; 4] = read(sk, off.skc_daddr)?;
-                (*ev).saddr = v4_mapped(saddr);
-                (*ev).daddr = v4_mapped(daddr);
-            } else {
-                (*ev).saddr = read(sk, off.skc_v6_rcv_saddr)?;
-                (*ev).daddr = read(sk, off.skc_v6_daddr)?;
-            }
-            let net: *const u8 = read(sk, off.skc_net)?;
-            (*ev).netns = read(net, off.net_ns_inum)?;
+        out.family = family;
+        out.sport = read(sk, off.skc_num)?;
+        out.dport = u16::from_be(read(sk, off.skc_dport)?);
+        if family == AF_INET {
+            let saddr: [u8; 4] = read(sk, off.skc_rcv_saddr)?;
+            let daddr: [u8; 4] = read(sk, off.skc_daddr)?;
+            out.saddr = v4_mapped(saddr);
+            out.daddr = v4_mapped(daddr);
+        } else {
+            out.saddr = read(sk, off.skc_v6_rcv_saddr)?;
+            out.daddr = read(sk, off.skc_v6_daddr)?;
         }
+        let net: *const u8 = read(sk, off.skc_net)?;
+        out.netns = read(net, off.net_ns_inum)?;
         Ok(())
     }
 
@@ -704,8 +1310,8 @@ mod probe {
         ]
     }
 
-    /// A TCP socket closed: forget its classification (socket memory is reused) and tell the
-    /// daemon when it was an HTTP one.
+    /// A TCP socket closed: the exchange under way ends (a response delimited by the close
+    /// counts), the state is dropped (the kernel reuses socket memory).
     #[tracepoint]
     pub fn httpflow_state(ctx: TracePointContext) -> u32 {
         // SAFETY: skaddr at 8 and newstate at 20 in every kernel's format of this tracepoint.
@@ -715,12 +1321,28 @@ mod probe {
             return 0;
         }
         for key in [sk, sk | FLAG_TLS as u64] {
-            // SAFETY: a copy out of the map value.
-            if let Some(state) = unsafe { HTTPFLOW_SOCKS.get(&key) }.copied() {
-                let _ = HTTPFLOW_SOCKS.remove(&key);
-                if state.state == SOCK_HTTP {
-                    emit(key, sk as *const u8, 0, 0, 0, KIND_CLOSE, DIR_READ, 0);
+            if let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) {
+                // SAFETY: a live map entry.
+                let c = unsafe { &mut *conn };
+                match c.state {
+                    SOCK_HTTP => {
+                        if c.phase != PHASE_IDLE {
+                            complete(key);
+                        }
+                    }
+                    SOCK_FALLBACK => emit(
+                        key,
+                        sk as *const u8,
+                        0,
+                        0,
+                        0,
+                        KIND_CLOSE,
+                        DIR_READ,
+                        key & FLAG_TLS as u64 != 0,
+                    ),
+                    _ => {}
                 }
+                let _ = HTTPFLOW_CONNS.remove(&key);
             }
         }
         0
@@ -835,7 +1457,7 @@ mod probe {
             n,
             n,
             call.direction,
-            FLAG_TLS,
+            true,
         );
         0
     }

@@ -553,6 +553,37 @@ fn plain_http_exact_rows() {
     }
     assert!(daemon.terminate().success());
     assert_no_httpflow_complaints(&daemon);
+    // Every exchange above was parsed in the kernel (each seen from both ends): 1 + 2 + 1 + 20
+    // + 1 + 1 requests, plus the daemon's own posts as the fake DataKit served them; nothing
+    // needed userspace framing.
+    let (exchanges, fallbacks) = kernel_counts(&daemon);
+    assert!(exchanges >= 2 * 26, "{exchanges} exchanges");
+    assert_eq!(fallbacks, 0);
+}
+
+/// The kernel parser's totals from the daemon's last report: (exchanges parsed in the kernel,
+/// connections handed to userspace framing).
+fn kernel_counts(daemon: &Daemon) -> (u64, u64) {
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split_once("httpflow: in the kernel: ")
+                .map(|(_, rest)| rest)
+        })
+        .unwrap_or_else(|| panic!("no in-kernel counters in the daemon log:\n{log}"));
+    let number = |after: &str| -> u64 {
+        line.split(after)
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (number(" exchanges"), number(" connections handed"))
 }
 
 /// No error or warning from httpflow (netflow may say it cannot run on kernels before 6.3).
@@ -706,6 +737,10 @@ fn https_through_openssl_uprobes() {
     drop(early);
     assert!(daemon.terminate().success());
     assert_no_httpflow_complaints(&daemon);
+    // The plain text was parsed by the same kernel state machine: three exchanges, both ends.
+    let (exchanges, fallbacks) = kernel_counts(&daemon);
+    assert!(exchanges >= 2 * 3, "{exchanges} exchanges");
+    assert_eq!(fallbacks, 0);
 }
 
 #[test]
@@ -863,4 +898,9 @@ fn keep_alive_client_pipelining_split_writes_and_head() {
     drop(stream);
     assert!(daemon.terminate().success());
     assert_no_httpflow_complaints(&daemon);
+    // The pipelined burst handed the client's and nginx's connection ends to userspace
+    // framing (counted); the five exchanges before it were parsed in the kernel, both ends.
+    let (exchanges, fallbacks) = kernel_counts(&daemon);
+    assert!(exchanges >= 2 * 5, "{exchanges} exchanges");
+    assert_eq!(fallbacks, 2);
 }

@@ -26,14 +26,19 @@ impl KernelLosses {
         }
     }
 
+    /// The current total of any counter of the array (not only the losses).
+    pub fn total(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
     /// Logs each counter that grew since the last call, with its total.
     pub fn report(&mut self) {
-        for (slot, &(index, meaning)) in self.reported.iter_mut().zip(self.meanings) {
-            let total: u64 = self
-                .counters
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
+        for (i, &(index, meaning)) in self.meanings.iter().enumerate() {
+            let total = self.total(index);
+            let slot = &mut self.reported[i];
             if total > *slot {
                 warn!(
                     "{}: {} {meaning} (total {total})",

@@ -1,6 +1,7 @@
-//! Loads the httpflow programs, drains their ring buffer into per-connection streams, and each
-//! interval posts the `httpflow` rows. With httpflow-tls, also attaches the OpenSSL uprobes
-//! and rescans for new library files.
+//! Loads the httpflow programs, drains their ring buffers (exchanges parsed in the kernel, and
+//! the calls of connections that fell back to userspace framing, into per-connection streams)
+//! and each interval posts the `httpflow` rows. With httpflow-tls, also attaches the OpenSSL
+//! uprobes and rescans for new library files.
 
 use std::time::Duration;
 
@@ -11,16 +12,18 @@ use aya::{
     programs::{FEntry, FExit, TracePoint},
 };
 use ebpf_common::httpflow::{
-    CAPTURE, DIR_WRITE, EVENTS_MAP, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
-    HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HttpEvent, ITER_OFFSETS_GLOBAL, IterOffsets,
-    KIND_CLOSE, OFFSETS_GLOBAL, OWN_PID_GLOBAL, STATS_MAP,
+    CAPTURE, DIR_WRITE, EVENTS_MAP, EX_OUTGOING, EX_TRUNCATED, EXCHANGES_MAP, HTTP_STAT_EXCHANGES,
+    HTTP_STAT_FALLBACKS, HTTP_STAT_ORPHAN_RESPONSES, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
+    HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HttpEvent, HttpExchange,
+    ITER_OFFSETS_GLOBAL, IterOffsets, KIND_CLOSE, KIND_SEED, METHODS, OFFSETS_GLOBAL,
+    OWN_PID_GLOBAL, PATH_CAPTURE, STATS_MAP,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
 use super::{
     aggregate::{Aggregator, HttpOptions},
-    stream::{Call, ConnMeta, Exchange, Streams},
+    stream::{Call, ConnMeta, Exchange, Seed, Streams},
     tier::TierChoice,
     tls::TlsAttacher,
 };
@@ -42,12 +45,15 @@ pub const DESTINATION: Destination = Destination {
     input: "ebpf-net/httpflow",
 };
 
-/// Longest `path` reported, in bytes (longer ones are cut).
-pub const PATH_MAX: usize = 256;
+/// Longest `path` reported, in bytes (longer ones are cut): what the kernel keeps.
+pub const PATH_MAX: usize = PATH_CAPTURE;
 /// Connections followed at once; the least recently active is dropped (counted) beyond.
 const MAX_CONNS: usize = 16_384;
 /// A connection with no call for this long is closed (its TCP close was not seen).
 const IDLE: Duration = Duration::from_secs(180);
+/// How often the ring buffers are drained: the kernel wakes the daemon only when they fill up,
+/// so that a busy server does not mean a busy daemon.
+const DRAIN: Duration = Duration::from_millis(100);
 /// How often httpflow-tls looks for newly mapped OpenSSL library files.
 const TLS_RESCAN: Duration = Duration::from_secs(5);
 
@@ -161,7 +167,10 @@ pub fn object_is_empty() -> bool {
 
 pub struct HttpflowCollector {
     ebpf: Ebpf,
+    exchanges: AsyncFd<RingBuf<MapData>>,
     events: AsyncFd<RingBuf<MapData>>,
+    /// In-kernel counters already logged: (exchanges, fallbacks, unanswered, orphans).
+    logged: [u64; 4],
     losses: KernelLosses,
     misses: Misses,
     streams: Streams,
@@ -239,14 +248,20 @@ impl HttpflowCollector {
                 ""
             }
         );
-        let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("event ring buffer")?)?;
+        let ring = |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+            let ring = RingBuf::try_from(ebpf.take_map(name).context("ring buffer")?)?;
+            // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+            unsafe { AsyncFd::register(ring) }
+                .map_err(|err| anyhow::anyhow!("polling the ring buffer {name}: {err}"))
+        };
+        let exchanges = ring(&mut ebpf, EXCHANGES_MAP)?;
+        let events = ring(&mut ebpf, EVENTS_MAP)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("stats map")?)?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
-        let events = unsafe { AsyncFd::register(events) }
-            .map_err(|err| anyhow::anyhow!("polling the ring buffer: {err}"))?;
         Ok(Self {
             ebpf,
+            exchanges,
             events,
+            logged: [0; 4],
             losses: KernelLosses::new("httpflow", stats, LOSSES),
             misses: Misses::new("httpflow", misses),
             streams: Streams::new(MAX_CONNS),
@@ -268,13 +283,25 @@ impl HttpflowCollector {
         let mut rescan = tokio::time::interval(TLS_RESCAN);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
+        let mut drain_tick = tokio::time::interval(DRAIN);
+        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exchanges = Vec::new();
         loop {
             tokio::select! {
+                ready = self.exchanges.readable_mut() => {
+                    let mut guard = ready?;
+                    drain_exchanges(guard.get_inner_mut(), &mut exchanges);
+                    guard.clear_ready();
+                    self.aggregate(&mut exchanges);
+                }
                 ready = self.events.readable_mut() => {
                     let mut guard = ready?;
-                    drain(guard.get_inner_mut(), &mut self.streams, &mut exchanges);
+                    drain_events(guard.get_inner_mut(), &mut self.streams, &mut exchanges);
                     guard.clear_ready();
+                    self.aggregate(&mut exchanges);
+                }
+                _ = drain_tick.tick() => {
+                    self.drain(&mut exchanges);
                     self.aggregate(&mut exchanges);
                 }
                 _ = tick.tick() => self.report(&ctx, &mut exchanges),
@@ -297,8 +324,15 @@ impl HttpflowCollector {
         }
     }
 
+    /// Both ring buffers, exchanges first: a connection's exchanges parsed in the kernel come
+    /// before its fallback (which starts with a seed).
+    fn drain(&mut self, exchanges: &mut Vec<Exchange>) {
+        drain_exchanges(self.exchanges.get_mut(), exchanges);
+        drain_events(self.events.get_mut(), &mut self.streams, exchanges);
+    }
+
     fn report(&mut self, ctx: &PluginContext, exchanges: &mut Vec<Exchange>) {
-        drain(self.events.get_mut(), &mut self.streams, exchanges);
+        self.drain(exchanges);
         let idle_before = clock::monotonic_ns().saturating_sub(IDLE.as_nanos() as u64);
         self.streams.expire(idle_before, exchanges);
         self.aggregate(exchanges);
@@ -314,8 +348,36 @@ impl HttpflowCollector {
         if !points.is_empty() {
             ctx.sender.submit(DESTINATION, points);
         }
+        self.log_kernel_counters();
         self.losses.report();
         self.misses.report(&self.ebpf);
+    }
+}
+
+impl HttpflowCollector {
+    /// The kernel parser's own counts: exchanges at debug level; connections that fell back
+    /// to userspace framing at info level (they cost more, but lose nothing).
+    fn log_kernel_counters(&mut self) {
+        let now = [
+            HTTP_STAT_EXCHANGES,
+            HTTP_STAT_FALLBACKS,
+            HTTP_STAT_UNANSWERED,
+            HTTP_STAT_ORPHAN_RESPONSES,
+        ]
+        .map(|index| self.losses.total(index));
+        let [exchanges, fallbacks, unanswered, orphans] = now;
+        debug!(
+            "httpflow: in the kernel: {exchanges} exchanges, {fallbacks} connections handed to \
+             userspace, {unanswered} requests unanswered, {orphans} responses without a request \
+             (totals)"
+        );
+        if fallbacks > self.logged[1] {
+            info!(
+                "httpflow: {} connections framed in userspace (pipelined requests; total {fallbacks})",
+                fallbacks - self.logged[1]
+            );
+        }
+        self.logged = now;
     }
 }
 
@@ -384,7 +446,60 @@ fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> an
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Exchange>) {
+/// Exchanges parsed in the kernel, as rows' input.
+fn drain_exchanges(ring: &mut RingBuf<MapData>, out: &mut Vec<Exchange>) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<HttpExchange>() {
+            warn!("httpflow: short record of {} bytes skipped", item.len());
+            continue;
+        }
+        // SAFETY: length checked; the record may be unaligned.
+        let ex: HttpExchange = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        out.push(exchange_of(&ex));
+    }
+}
+
+fn exchange_of(ex: &HttpExchange) -> Exchange {
+    let outgoing = ex.flags & EX_OUTGOING != 0;
+    let (bytes_read, bytes_written) = if outgoing {
+        (ex.resp_bytes, ex.req_bytes)
+    } else {
+        (ex.req_bytes, ex.resp_bytes)
+    };
+    let path = &ex.path[..(ex.path_len as usize).min(PATH_CAPTURE)];
+    Exchange {
+        meta: ConnMeta {
+            saddr: ex.saddr,
+            daddr: ex.daddr,
+            sport: ex.sport,
+            dport: ex.dport,
+            family: ex.family,
+            netns: ex.netns,
+            pid: ex.pid,
+            comm: ex.comm,
+        },
+        outgoing,
+        method: method_name(ex.method),
+        target: String::from_utf8_lossy(path).into_owned(),
+        version: if ex.minor == b'0' { "1.0" } else { "1.1" },
+        status: ex.status,
+        latency_ns: ex.latency_ns,
+        bytes_read,
+        bytes_written,
+        truncated: ex.flags & EX_TRUNCATED != 0,
+    }
+}
+
+fn method_name(code: u8) -> String {
+    METHODS
+        .get((code as usize).wrapping_sub(1))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default()
+}
+
+/// Calls of connections that fell back to userspace framing.
+fn drain_events(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Exchange>) {
     while let Some(item) = ring.next() {
         if item.len() < size_of::<HttpEvent>() {
             warn!("httpflow: short record of {} bytes skipped", item.len());
@@ -397,6 +512,32 @@ fn drain(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Excha
             streams.on_close(ev.conn, out);
             continue;
         }
+        let meta = ConnMeta {
+            saddr: ev.saddr,
+            daddr: ev.daddr,
+            sport: ev.sport,
+            dport: ev.dport,
+            family: ev.family,
+            netns: ev.netns,
+            pid: ev.pid,
+            comm: ev.comm,
+        };
+        if ev.kind == KIND_SEED {
+            let path = &ev.data[..(ev.captured as usize).min(PATH_CAPTURE)];
+            streams.on_seed(
+                ev.conn,
+                meta,
+                Seed {
+                    method: method_name((ev.flags >> 8) as u8),
+                    target: String::from_utf8_lossy(path).into_owned(),
+                    truncated: ev.flags & (1 << 16) != 0,
+                    write: ev.direction == DIR_WRITE,
+                    bytes: ev.total,
+                    ts_ns: ev.ts_ns,
+                },
+            );
+            continue;
+        }
         let captured = (ev.captured as usize).min(CAPTURE);
         let call = Call {
             conn: ev.conn,
@@ -405,19 +546,6 @@ fn drain(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Excha
             total: ev.total,
             data: &ev.data[..captured],
         };
-        streams.on_call(
-            &call,
-            || ConnMeta {
-                saddr: ev.saddr,
-                daddr: ev.daddr,
-                sport: ev.sport,
-                dport: ev.dport,
-                family: ev.family,
-                netns: ev.netns,
-                pid: ev.pid,
-                comm: ev.comm,
-            },
-            out,
-        );
+        streams.on_call(&call, || meta, out);
     }
 }

@@ -1,4 +1,5 @@
-//! Per-connection HTTP/1 exchanges from the calls the kernel reports: requests and responses
+//! Userspace framing, for the connections the kernel hands over (pipelined requests, which its
+//! parser does not queue): per-connection HTTP/1 exchanges from the calls the kernel reports: requests and responses
 //! are framed (head, then Content-Length or chunked body counted over the following calls, so
 //! sizes are the messages' real sizes whatever the capture saw), queued in order for
 //! pipelining, and paired first-in first-out. Interim `1xx` responses (`100 Continue`) are
@@ -39,6 +40,19 @@ pub struct Call<'a> {
     pub total: u64,
     /// The first of them (at most `total`).
     pub data: &'a [u8],
+}
+
+/// The request the kernel had parsed, unanswered, when it handed the connection over.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub method: String,
+    pub target: String,
+    pub truncated: bool,
+    /// The process wrote the request (client side).
+    pub write: bool,
+    /// The request's bytes, and when its last one moved.
+    pub bytes: u64,
+    pub ts_ns: u64,
 }
 
 /// A request with its response.
@@ -195,6 +209,44 @@ impl Streams {
         let is_req = conn.req_write == Some(call.write);
         feed(conn, is_req, call, &mut self.stats);
         complete(conn, out, &mut self.stats);
+    }
+
+    /// The kernel hands a connection over with one request it parsed, still unanswered: it
+    /// comes first in the queue, complete.
+    pub fn on_seed(&mut self, conn_id: u64, meta: ConnMeta, seed: Seed) {
+        if let Some(old) = self.conns.remove(&conn_id) {
+            // A connection of the same id that was not closed: finish it first.
+            let mut out = Vec::new();
+            finish_conn(old, &mut out, &mut self.stats);
+        }
+        if self.conns.len() >= self.max_conns {
+            let mut out = Vec::new();
+            self.evict_oldest(&mut out);
+        }
+        let mut conn = Conn {
+            meta,
+            last_ts: seed.ts_ns,
+            req_write: Some(seed.write),
+            txns: VecDeque::new(),
+            next_seq: 0,
+            req: Side::new(),
+            resp: Side::new(),
+            upgraded: false,
+        };
+        start_request(
+            &mut conn,
+            seed.method,
+            seed.target,
+            seed.truncated,
+            seed.ts_ns,
+            seed.bytes,
+            &mut self.stats,
+        );
+        conn.req.txn = None;
+        if let Some(txn) = conn.txns.back_mut() {
+            txn.req_done = true;
+        }
+        self.conns.insert(conn_id, conn);
     }
 
     /// The connection closed: a response cut short by the close still counts; requests
