@@ -40,9 +40,13 @@ const APT_PACKAGES: &[&str] = &[
     // that would take port 53.
     "dnsmasq-base",
     "bind9-dnsutils", // `dig`, the dnsflow tests' client
-    "nginx",          // the HTTP and HTTPS server of the httpflow tests
+    "nginx",          // the HTTP and HTTPS server of the httpflow tests and the bench
     "curl", // the HTTP(S) client of the httpflow tests (several URLs = one keep-alive connection)
-    "openssl", // the httpflow-tls test's self-signed certificate
+    "openssl", // the self-signed certificate of the httpflow-tls test and the bench's HTTPS load
+    // The bench's HTTP and HTTPS load: one event-loop thread saturates nginx over keep-alive
+    // connections, and Debian's build links the system OpenSSL, so the HTTPS load needs no TLS
+    // crate in the bench and runs through the same libssl that the daemon's uprobes attach to.
+    "wrk",
 ];
 
 #[derive(Parser)]
@@ -100,8 +104,10 @@ enum Cmd {
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
-    /// Benchmarks (release build, root): netflow's cost on a request/response load, kernel time
-    /// per program run, the daemon's CPU and memory. Prints the figures and the targets.
+    /// Benchmarks (release build, root, about 10 minutes): throughput with the daemon off and on
+    /// (netflow alone, the default configuration, everything on) under HTTP and HTTPS loads (nginx
+    /// and wrk) and a 64-byte ping-pong, the daemon's CPU and RSS, kernel time per program run.
+    /// Prints the figures beside the targets.
     Bench,
     /// Build the daemon in release and run it (default: `--config conf/ebpf.conf.sample --output -`,
     /// line protocol to stdout). Runs from the workspace root; must be root to load eBPF programs.
