@@ -966,13 +966,11 @@ mod probe {
         total: u64,
         request: u64,
     ) -> u64 {
-        let request = request != 0;
         let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
             return 0;
         };
-        // SAFETY: a live map entry.
-        let c = unsafe { &mut *conn };
-        let seen = c.scan.seen as u64;
+        // SAFETY: a live map entry (read before the chunks write it).
+        let seen = unsafe { (*conn).scan.seen } as u64;
         let room = CAPTURE as u64
             - if seen < CAPTURE as u64 {
                 seen
@@ -986,40 +984,79 @@ mod probe {
         if src == 0 {
             n = 0;
         }
+        // In chunks: the verifier checks the chunk function once, and its loop is short.
+        let mut done: u64 = 0;
+        let mut k = 0;
+        while k < CAPTURE / CHUNK && done < n {
+            let left = n - done;
+            let want = if left < CHUNK as u64 {
+                left
+            } else {
+                CHUNK as u64
+            };
+            let used = httpflow_scan_chunk(key, src + done, want, request);
+            done += used;
+            // SAFETY: the live entry the chunk just wrote (volatile: written through another
+            // pointer).
+            let flags = unsafe { core::ptr::read_volatile(&(*conn).scan.flags) };
+            if used < want || flags & SCAN_ENDED != 0 {
+                break;
+            }
+            k += 1;
+        }
+        // SAFETY: the same live entry, after the chunks' writes.
+        let c = unsafe { &mut *conn };
+        if c.scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
+            if c.scan.seen as usize >= CAPTURE {
+                // Longer than we read: cut.
+                c.scan.flags |= SCAN_GAVE_UP;
+                c.flags |= EX_TRUNCATED;
+            } else if done < total {
+                // The head goes on in bytes we cannot see (another iovec).
+                c.scan.flags |= SCAN_GAVE_UP;
+            }
+        }
+        done
+    }
+
+    /// Head bytes scanned per call of [`httpflow_scan_chunk`].
+    const CHUNK: usize = 128;
+
+    /// Scans up to [`CHUNK`] head bytes at `src`; returns how many belong to the head (fewer
+    /// than `n` when it ends, 0 when they cannot be read).
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    pub extern "C" fn httpflow_scan_chunk(key: u64, src: u64, n: u64, request: u64) -> u64 {
+        let request = request != 0;
+        let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
+            return 0;
+        };
+        // SAFETY: a live map entry.
+        let c = unsafe { &mut *conn };
         let Some(buf) = SCRATCH.get_ptr_mut(0) else {
             return 0;
         };
         // Bounded right before the helper call: older verifiers (5.10) lose a scalar's
         // bounds when it is spilled across other calls.
-        let len = (n as u32) & (2 * CAPTURE as u32 - 1);
-        let len = if len > CAPTURE as u32 {
-            CAPTURE as u32
+        let len = (n as u32) & (2 * CHUNK as u32 - 1);
+        let len = if len > CHUNK as u32 {
+            CHUNK as u32
         } else {
             len
         };
-        // SAFETY: `buf` is this CPU's CAPTURE-byte slot and len <= CAPTURE.
+        // SAFETY: `buf` is this CPU's CAPTURE-byte slot and len <= CHUNK.
         if len > 0 && unsafe { raw_read_user(buf as *mut _, len, src as *const _) } != 0 {
             count(HTTP_STAT_READ_FAILED);
             c.scan.flags |= SCAN_GAVE_UP;
             return 0;
         }
         let mut i: u32 = 0;
-        while i < len && i < CAPTURE as u32 {
-            // SAFETY: i < CAPTURE.
-            let b = unsafe { (*buf)[(i as usize) & (CAPTURE - 1)] };
+        while i < len && i < CHUNK as u32 {
+            // SAFETY: i < CHUNK <= CAPTURE.
+            let b = unsafe { (*buf)[(i as usize) & (CHUNK - 1)] };
             i += 1;
             if scan_byte(c, b, request) {
                 break;
-            }
-        }
-        if c.scan.flags & SCAN_ENDED == 0 {
-            if c.scan.seen as usize >= CAPTURE {
-                // Longer than we read: cut.
-                c.scan.flags |= SCAN_GAVE_UP;
-                c.flags |= EX_TRUNCATED;
-            } else if (i as u64) < total {
-                // The head goes on in bytes we cannot see (another iovec).
-                c.scan.flags |= SCAN_GAVE_UP;
             }
         }
         i as u64

@@ -129,6 +129,15 @@ fn check_reports_each_plugin_and_exits_by_the_enabled_ones() {
         net_line.contains("can run") && net_line.contains("tracepoint tier"),
         "{net_line}"
     );
+    // httpflow says how it runs: parsed in the kernel, fallbacks counted.
+    let http_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("httpflow"))
+        .unwrap_or_else(|| panic!("no httpflow line:\n{stdout}"));
+    assert!(
+        http_line.contains("parsed in the kernel") && http_line.contains("counted"),
+        "{http_line}"
+    );
 
     // A forced tier this kernel lacks (no kprobes here): netflow cannot run and says why;
     // ebpf-net still runs its other parts (dnsflow needs no tracing hooks), but not all of it:

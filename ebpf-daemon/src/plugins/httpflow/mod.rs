@@ -1,5 +1,5 @@
 //! ebpf-net's `httpflow` (`l7net_enabled = ["httpflow"]`): HTTP/1.x requests and responses
-//! from socket data, paired per connection and reported per interval; with `httpflow-tls`, the
+//! parsed and paired per connection in the kernel, reported per interval; with `httpflow-tls`, the
 //! plain text of OpenSSL connections too (uprobes on the libssl each process maps).
 
 pub mod aggregate;
@@ -49,7 +49,9 @@ pub fn availability(kernel: &Kernel, forced: HttpflowTier, tls: bool) -> Availab
         Availability {
             can_run: true,
             mechanism: format!(
-                "the {} tier ({}): {hooks}{}, sock:inet_sock_set_state",
+                "the {} tier ({}): {hooks}{}, sock:inet_sock_set_state; HTTP/1 parsed in the \
+                 kernel, one record per exchange (pipelined connections fall back to userspace \
+                 framing, counted)",
                 choice.tier.name(),
                 choice.reason,
                 if tls {
