@@ -24,6 +24,8 @@
 //! - Kernel cost: average ns per run of each netflow program (`kernel.bpf_stats_enabled`,
 //!   run_time_ns / run_cnt; target ≤ 150 ns on the hot path), and the same for an empty
 //!   program on `sock_send_length`: the floor the statistics themselves put under every figure.
+//!   Then httpflow's: ns per run of each of its programs, and all of them per request, with
+//!   everything on under the HTTP and HTTPS loads.
 //! - The daemon (default configuration) with 10,000 live connections: CPU, peak and steady RSS.
 //!
 //! Targets (printed, never asserted): throughput on/off ≥ 0.97 for netflow alone and the
@@ -552,8 +554,11 @@ fn program_ids(pid: u32) -> HashSet<u64> {
         .collect()
 }
 
-/// (name, run_time_ns, run_cnt) of the loaded programs named `prefix…` that `pid` holds.
-fn program_stats(prefix: &str, pid: u32) -> Vec<(String, u64, u64)> {
+/// (name, run_time_ns, run_cnt) of a loaded program.
+type ProgramStats = (String, u64, u64);
+
+/// The statistics of the loaded programs named `prefix…` that `pid` holds.
+fn program_stats(prefix: &str, pid: u32) -> Vec<ProgramStats> {
     let ours = program_ids(pid);
     let out = Command::new(bpftool())
         .args(["prog", "show", "--json"])
@@ -673,6 +678,21 @@ fn main() {
         assert!(daemon.terminate().success());
         (kernel, floor)
     };
+
+    // httpflow's kernel time per request, everything on, under the HTTP and HTTPS loads: all
+    // its programs' run time (both ends of each request are on this host) over wrk's requests.
+    let http_kernel: Vec<(Load, Vec<ProgramStats>, u64)> = [Load::Http, Load::Https]
+        .into_iter()
+        .map(|load| {
+            let mut daemon = start_daemon(&dir, &EVERYTHING);
+            sysctl("1");
+            let done = load.run(&pair, RUN);
+            let stats = program_stats("httpflow_", daemon.pid());
+            sysctl("0");
+            assert!(daemon.terminate().success());
+            (load, stats, done.requests)
+        })
+        .collect();
 
     // 10,000 live connections (20,000 tracked sockets: both ends are on this host). The server
     // ends live in another process: a process may hold only 20,000 descriptors here.
@@ -813,6 +833,27 @@ fn main() {
         _ => println!("(no empty-program floor: sock_send_length not attachable here)"),
     }
     print_table(&["program", "ns per run", "runs", "target, ns"], &rows);
+
+    println!("\n== httpflow's kernel time (everything on, bpf_stats)");
+    let mut rows = Vec::new();
+    for (load, stats, requests) in &http_kernel {
+        let total_ns: u64 = stats.iter().map(|(_, ns, _)| ns).sum();
+        for (name, ns, count) in stats.iter().filter(|(_, _, count)| *count > 0) {
+            rows.push(vec![
+                load.name().to_string(),
+                name.clone(),
+                format!("{:.0}", *ns as f64 / *count as f64),
+                count.to_string(),
+            ]);
+        }
+        rows.push(vec![
+            load.name().to_string(),
+            format!("all httpflow programs, per request ({requests} requests, both ends)"),
+            format!("{:.0}", total_ns as f64 / (*requests).max(1) as f64),
+            "–".to_string(),
+        ]);
+    }
+    print_table(&["load", "program", "ns per run", "runs"], &rows);
     println!("\nbench took {:.0} s", started.elapsed().as_secs_f64());
 }
 
