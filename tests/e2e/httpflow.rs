@@ -558,7 +558,12 @@ fn plain_http_exact_rows() {
     // needed userspace framing.
     let (exchanges, fallbacks) = kernel_counts(&daemon);
     assert!(exchanges >= 2 * 26, "{exchanges} exchanges");
-    assert_eq!(fallbacks, 0);
+    // A call the kernel skipped (7.2's lazy preemption; the daemon reports each) can make a
+    // request look pipelined: that connection is framed in userspace, still exactly.
+    assert!(
+        fallbacks == 0 || calls_possibly_lost(&daemon),
+        "{fallbacks} connections handed to userspace"
+    );
 }
 
 /// The kernel parser's totals from the daemon's last report: (exchanges parsed in the kernel,
@@ -584,6 +589,20 @@ fn kernel_counts(daemon: &Daemon) -> (u64, u64) {
             .unwrap()
     };
     (number(" exchanges"), number(" connections handed"))
+}
+
+/// Whether the daemon reported calls the kernel may have skipped (missed, or skipped by both
+/// twins of a hook).
+fn calls_possibly_lost(daemon: &Daemon) -> bool {
+    daemon.log_text().lines().any(|l| {
+        l.contains("httpflow: ")
+            && (l.contains("calls missed")
+                || l
+                    .split("at most ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(' ').next())
+                    .is_some_and(|n| n != "0"))
+    })
 }
 
 /// No error or warning from httpflow (netflow may say it cannot run on kernels before 6.3).

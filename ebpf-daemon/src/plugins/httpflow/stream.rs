@@ -800,6 +800,35 @@ mod tests {
     }
 
     #[test]
+    fn a_seeded_connection_pairs_the_kernel_request_first() {
+        // The kernel parsed GET /a (34 bytes, unanswered) and saw a second request start: it
+        // hands the connection over with the first as a seed, then the raw calls.
+        let mut c = Conv::new();
+        c.s.on_seed(
+            1,
+            meta(),
+            Seed {
+                method: "GET".into(),
+                target: "/a".into(),
+                truncated: false,
+                write: true,
+                bytes: 34,
+                ts_ns: 1500,
+            },
+        );
+        c.call(true, b"GET /b HTTP/1.1\r\n\r\n");
+        let two = [OK, OK].concat();
+        c.call(false, &two);
+        assert_eq!(c.out.len(), 2);
+        assert_eq!(c.out[0].target, "/a");
+        assert_eq!(c.out[0].bytes_written, 34);
+        assert_eq!(c.out[0].bytes_read, OK.len() as u64);
+        assert_eq!(c.out[0].latency_ns, c.ts - 1500);
+        assert_eq!(c.out[1].target, "/b");
+        assert!(c.out.iter().all(|e| e.outgoing && e.status == 200));
+    }
+
+    #[test]
     fn non_http_never_starts_a_connection() {
         let mut c = Conv::new();
         c.call(true, b"\x16\x03\x01\x00\xa5random");
