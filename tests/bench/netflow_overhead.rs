@@ -268,21 +268,7 @@ impl Nginx {
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("temp")).unwrap();
         std::fs::write(www.join("page.html"), "p".repeat(PAGE)).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=datakit-ebpf-bench", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cert, key) = common::self_signed_certificate(dir, "datakit-ebpf-bench");
         let (ip, d) = (pair.b_v4, dir.display());
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\

@@ -78,22 +78,7 @@ impl Nginx {
         fs::write(www.join("index.html"), "x".repeat(PAGE)).unwrap();
         fs::write(www.join("keep.html"), "k".repeat(100)).unwrap();
         fs::write(www.join("q.html"), "q".repeat(10)).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let out = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=httpflow-test", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cert, key) = common::self_signed_certificate(dir, "httpflow-test");
         let ip = pair.b_v4;
         let d = dir.display();
         let conf = format!(
@@ -597,8 +582,7 @@ fn calls_possibly_lost(daemon: &Daemon) -> bool {
     daemon.log_text().lines().any(|l| {
         l.contains("httpflow: ")
             && (l.contains("calls missed")
-                || l
-                    .split("at most ")
+                || l.split("at most ")
                     .nth(1)
                     .and_then(|rest| rest.split(' ').next())
                     .is_some_and(|n| n != "0"))

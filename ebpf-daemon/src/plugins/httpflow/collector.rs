@@ -446,16 +446,23 @@ fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> an
     Ok(())
 }
 
-/// Exchanges parsed in the kernel, as rows' input.
-fn drain_exchanges(ring: &mut RingBuf<MapData>, out: &mut Vec<Exchange>) {
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<HttpExchange>() {
+/// The ring's next record, read as a `T` (one of the plain `repr(C)` records of
+/// `ebpf_common::httpflow`); short records are skipped with a warning.
+fn next_record<T: Copy>(ring: &mut RingBuf<MapData>) -> Option<T> {
+    loop {
+        let item = ring.next()?;
+        if item.len() < size_of::<T>() {
             warn!("httpflow: short record of {} bytes skipped", item.len());
             continue;
         }
-        // SAFETY: length checked; the record may be unaligned.
-        let ex: HttpExchange = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        drop(item);
+        // SAFETY: length checked; `T` is plain data; the record may be unaligned.
+        return Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+    }
+}
+
+/// Exchanges parsed in the kernel, as rows' input.
+fn drain_exchanges(ring: &mut RingBuf<MapData>, out: &mut Vec<Exchange>) {
+    while let Some(ex) = next_record::<HttpExchange>(ring) {
         out.push(exchange_of(&ex));
     }
 }
@@ -500,14 +507,7 @@ fn method_name(code: u8) -> String {
 
 /// Calls of connections that fell back to userspace framing.
 fn drain_events(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Vec<Exchange>) {
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<HttpEvent>() {
-            warn!("httpflow: short record of {} bytes skipped", item.len());
-            continue;
-        }
-        // SAFETY: length checked; the record may be unaligned.
-        let ev: HttpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        drop(item);
+    while let Some(ev) = next_record::<HttpEvent>(ring) {
         if ev.kind == KIND_CLOSE {
             streams.on_close(ev.conn, out);
             continue;
