@@ -162,8 +162,8 @@ impl Drop for PyServer {
 
 fn wait_listening(pair: &NetPair, ip: IpAddr, port: u16) {
     let ns = pair.a.name.clone();
-    // 30 s: python starts slowly under software emulation (vm-test).
-    let ok = common::wait_until(Duration::from_secs(30), || {
+    // 60 s: python starts slowly under software emulation (vm-test) on a busy host.
+    let ok = common::wait_until(Duration::from_secs(60), || {
         Command::new("ip")
             .args(["netns", "exec", &ns, "bash", "-c"])
             .arg(format!("exec 3<>/dev/tcp/{ip}/{port}"))
