@@ -58,6 +58,10 @@ fn start_wrapped(
         &apiserver,
         "--enabled",
         "ebpf-net",
+        // httpflow is not under test here: its load (tens of seconds at the fentry tier in
+        // emulated guests) would outlast the test and its SIGTERM.
+        "--l7net-disabled",
+        "httpflow",
         "--interval",
         "2s",
         "--min-interval",
