@@ -118,6 +118,8 @@ pub const SCAN_IN_LENGTH: u8 = 4;
 pub const SCAN_TRANSFER_ENCODING: u8 = 8;
 /// The head did not end within [`CAPTURE`] bytes, or ran past the call's first buffer.
 pub const SCAN_GAVE_UP: u8 = 16;
+/// The header line under way had its colon: later colons on it are value bytes.
+pub const SCAN_PAST_COLON: u8 = 32;
 
 /// [`HeadScan::target`] values: where the request line scan is.
 pub const TARGET_METHOD: u8 = 0;
@@ -198,6 +200,24 @@ pub struct IterOffsets {
 
 crate::assert_size!(IterOffsets, 32);
 
+/// A connection's two ends, as the kernel's socket has them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Local and remote address (IPv4 stored IPv4-mapped).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network namespace inode number.
+    pub netns: u32,
+    pub family: u16,
+    /// Local and remote port, host order.
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+}
+
+crate::assert_size!(Endpoints, 44);
+
 /// Where the scan of one message head is, across the calls that carry it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -253,9 +273,12 @@ pub struct HttpConn {
     /// `comm` of the thread that moved the request.
     pub comm: [u8; 16],
     pub path: [u8; PATH_CAPTURE],
+    /// Read from the socket once, when the connection is found to carry HTTP.
+    pub endpoints: Endpoints,
+    pub _pad2: u32,
 }
 
-crate::assert_size!(HttpConn, 104 + PATH_CAPTURE);
+crate::assert_size!(HttpConn, 152 + PATH_CAPTURE);
 
 /// A completed request/response exchange.
 #[repr(C)]
@@ -268,7 +291,6 @@ pub struct HttpExchange {
     pub req_bytes: u64,
     pub resp_bytes: u64,
     pub pid: u32,
-    pub netns: u32,
     pub status: u16,
     pub path_len: u16,
     pub method: u8,
@@ -276,14 +298,7 @@ pub struct HttpExchange {
     pub flags: u8,
     pub minor: u8,
     pub _pad: u8,
-    pub family: u16,
-    /// Local and remote port, host order.
-    pub sport: u16,
-    pub dport: u16,
-    pub _pad2: u16,
-    /// Local and remote address (IPv4 stored IPv4-mapped).
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub endpoints: Endpoints,
     pub comm: [u8; 16],
     pub path: [u8; PATH_CAPTURE],
 }
@@ -309,16 +324,8 @@ pub struct HttpEvent {
     pub flags: u32,
     /// Bytes of `data` that are valid (at most [`CAPTURE`], at most `total`).
     pub captured: u32,
-    /// Local and remote address (IPv4 stored IPv4-mapped), ports in host order.
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub family: u16,
-    pub _pad: u16,
-    /// Network namespace inode number.
-    pub netns: u32,
-    pub _pad2: u32,
+    pub endpoints: Endpoints,
+    pub _pad: u32,
     /// `comm` of the calling thread.
     pub comm: [u8; 16],
     pub data: [u8; CAPTURE],

@@ -4,7 +4,7 @@
 //!
 //! Everything is computed once at load and the parsed BTF (several MB) is dropped.
 
-use std::{collections::HashSet, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use ebpf_common::{
@@ -37,7 +37,12 @@ pub const FUNCTIONS: &[&str] = &[
     "inet6_recvmsg",
     // httpflow's fentry tier: sendfile before 6.5.
     "inet_sendpage",
+    TRAMPOLINE_PROBE,
 ];
+
+/// The kernel function the fentry feature probe loads a trampoline program against (a test
+/// stub every kernel with BPF trampolines has).
+pub const TRAMPOLINE_PROBE: &str = "bpf_fentry_test1";
 
 /// What the daemon needs to know from the kernel's BTF.
 #[derive(Debug, Clone)]
@@ -45,8 +50,10 @@ pub struct KernelBtf {
     offsets: Result<NetOffsets, String>,
     http_offsets: Result<HttpOffsets, String>,
     iter_offsets: Result<IterOffsets, String>,
-    tracepoints: HashSet<&'static str>,
-    functions: HashSet<&'static str>,
+    /// BTF type ids in the running kernel: `btf_trace_<name>` typedefs and functions, for
+    /// attaching tp_btf and fentry/fexit programs.
+    tracepoints: HashMap<&'static str, u32>,
+    functions: HashMap<&'static str, u32>,
 }
 
 impl KernelBtf {
@@ -54,16 +61,23 @@ impl KernelBtf {
     pub fn load(path: Option<&Path>) -> anyhow::Result<KernelBtf> {
         let path = path.unwrap_or(Path::new(VMLINUX_BTF));
         let btf = parse(path)?;
+        // Attach ids are the running kernel's own: from its BTF even when offsets come from a
+        // --btf file (a kernel with no BTF of its own has no tp_btf or fentry either).
+        let running = if path == Path::new(VMLINUX_BTF) {
+            None
+        } else {
+            parse(Path::new(VMLINUX_BTF)).ok()
+        };
+        let ids = running.as_ref().unwrap_or(&btf);
         let tracepoints = TRACEPOINTS
             .iter()
-            .copied()
-            .filter(|tp| btf.find(&format!("btf_trace_{tp}"), |_| true).is_some())
+            .filter_map(|&tp| Some((tp, ids.find(&format!("btf_trace_{tp}"), |_| true)?)))
             .collect();
         let functions = FUNCTIONS
             .iter()
-            .copied()
-            .filter(|f| btf.find(f, |t| t.kind == Kind::Func).is_some())
+            .filter_map(|&f| Some((f, ids.find(f, |t| t.kind == Kind::Func)?)))
             .collect();
+        drop(running);
         let offsets = net_offsets(&btf).map_err(|err| format!("{err:#}"));
         let http_offsets = http_offsets(&btf).map_err(|err| format!("{err:#}"));
         let iter_offsets = iter_offsets(&btf).map_err(|err| format!("{err:#}"));
@@ -94,13 +108,29 @@ impl KernelBtf {
 
     /// True when the kernel has the BTF-typed tracepoint `name` (one of [`TRACEPOINTS`]).
     pub fn has_tracepoint(&self, name: &str) -> bool {
-        self.tracepoints.contains(name)
+        self.tracepoints.contains_key(name)
+    }
+
+    /// The BTF id a tp_btf program attaches to for `name` (one of [`TRACEPOINTS`]).
+    pub fn tracepoint_id(&self, name: &str) -> anyhow::Result<u32> {
+        self.tracepoints
+            .get(name)
+            .copied()
+            .with_context(|| format!("the kernel's BTF has no tracepoint btf_trace_{name}"))
+    }
+
+    /// The BTF id an fentry/fexit program attaches to for `name` (one of [`FUNCTIONS`]).
+    pub fn function_id(&self, name: &str) -> anyhow::Result<u32> {
+        self.functions
+            .get(name)
+            .copied()
+            .with_context(|| format!("the kernel's BTF has no function {name}"))
     }
 
     /// True when the kernel's BTF describes the function `name` (one of [`FUNCTIONS`]): fentry
     /// and fexit programs attach by BTF id.
     pub fn has_function(&self, name: &str) -> bool {
-        self.functions.contains(name)
+        self.functions.contains_key(name)
     }
 }
 

@@ -9,7 +9,7 @@ mod preemption;
 use aya::{
     maps::MapType,
     programs::ProgramType,
-    sys::{is_map_supported, is_program_supported},
+    sys::{is_map_supported, is_program_supported_with_attach_id},
 };
 
 /// One capability and why it is (not) there.
@@ -60,8 +60,13 @@ pub struct KernelFeatures {
 }
 
 impl KernelFeatures {
-    /// `btf_file` is `--btf`, used when the kernel has no `/sys/kernel/btf/vmlinux`.
-    pub fn probe(tracefs: Option<&Path>, btf_file: Option<&Path>) -> Self {
+    /// `btf_file` is `--btf`, used when the kernel has no `/sys/kernel/btf/vmlinux`;
+    /// `trampoline_target`: the BTF id of [`crate::btf::TRAMPOLINE_PROBE`], when known.
+    pub fn probe(
+        tracefs: Option<&Path>,
+        btf_file: Option<&Path>,
+        trampoline_target: Option<u32>,
+    ) -> Self {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
@@ -87,14 +92,19 @@ impl KernelFeatures {
         };
         let kprobes = pmu_or_tracefs("kprobe", tracefs, "CONFIG_KPROBES is off");
         let uprobes = pmu_or_tracefs("uprobe", tracefs, "CONFIG_UPROBE_EVENTS is off");
-        let fentry = match is_program_supported(ProgramType::Tracing) {
-            Ok(true) => Probe::yes("a BPF trampoline program loads (attaching is tried at start)"),
-            Ok(false) => Probe::no("kernel does not support BPF_PROG_TYPE_TRACING"),
-            Err(err) => Probe::no(format!(
-                "trampoline probe failed: {:#}",
-                anyhow::Error::from(err)
-            )),
-        };
+        // A trampoline program loaded against a known kernel function: the id comes from our
+        // BTF reader (aya's own probe parses the whole kernel BTF for it).
+        let fentry =
+            match is_program_supported_with_attach_id(ProgramType::Tracing, trampoline_target) {
+                Ok(true) => {
+                    Probe::yes("a BPF trampoline program loads (attaching is tried at start)")
+                }
+                Ok(false) => Probe::no("kernel does not support BPF_PROG_TYPE_TRACING"),
+                Err(err) => Probe::no(format!(
+                    "trampoline probe failed: {:#}",
+                    anyhow::Error::from(err)
+                )),
+            };
         let ringbuf = map_probe(MapType::RingBuf, "ring buffer (kernel 5.8+)");
         let perf_event_array = map_probe(MapType::PerfEventArray, "perf event array");
         let preemption = preemption::probe();

@@ -108,13 +108,18 @@ fn probe_kernel(
     tracefs: Option<&std::path::Path>,
     need_btf: bool,
 ) -> plugins::Kernel {
+    let btf = if need_btf {
+        btf::KernelBtf::load(config.btf.as_deref()).map_err(|err| format!("{err:#}"))
+    } else {
+        Err("not read: ebpf-net is not enabled".into())
+    };
+    let trampoline_target = btf
+        .as_ref()
+        .ok()
+        .and_then(|btf| btf.function_id(btf::TRAMPOLINE_PROBE).ok());
     plugins::Kernel {
-        features: kernel::KernelFeatures::probe(tracefs, config.btf.as_deref()),
-        btf: if need_btf {
-            btf::KernelBtf::load(config.btf.as_deref()).map_err(|err| format!("{err:#}"))
-        } else {
-            Err("not read: ebpf-net is not enabled".into())
-        },
+        features: kernel::KernelFeatures::probe(tracefs, config.btf.as_deref(), trampoline_target),
+        btf,
     }
 }
 

@@ -49,14 +49,15 @@ mod probe {
     };
     use ebpf_common::httpflow::{
         BODY_UNKNOWN, CAPTURE, DIR_READ, DIR_WRITE, EX_INTERIM, EX_OUTGOING, EX_TLS, EX_TRUNCATED,
-        FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_EXCHANGES, HTTP_STAT_FALLBACKS,
+        Endpoints, FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_EXCHANGES, HTTP_STAT_FALLBACKS,
         HTTP_STAT_ORPHAN_RESPONSES, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
-        HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HttpConn, HttpEvent,
-        HttpExchange, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, KIND_SEED, MAX_ATTEMPTS,
-        MAX_SOCKS, METHOD_HEAD, METHODS, PATH_CAPTURE, PHASE_IDLE, PHASE_REQUEST, PHASE_RESPONSE,
-        REQ_DIR_READ, REQ_DIR_UNKNOWN, REQ_DIR_WRITE, SCAN_CONTENT_LENGTH, SCAN_ENDED,
-        SCAN_GAVE_UP, SCAN_IN_LENGTH, SCAN_TRANSFER_ENCODING, SOCK_FALLBACK, SOCK_HTTP, SOCK_OTHER,
-        SOCK_UNKNOWN, SOCK_UPGRADED, TARGET_DONE, TARGET_IN, TARGET_METHOD, WAKEUP_BYTES,
+        HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HeadScan, HttpConn,
+        HttpEvent, HttpExchange, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, KIND_SEED,
+        MAX_ATTEMPTS, MAX_SOCKS, METHOD_HEAD, METHODS, PATH_CAPTURE, PHASE_IDLE, PHASE_REQUEST,
+        PHASE_RESPONSE, REQ_DIR_READ, REQ_DIR_UNKNOWN, REQ_DIR_WRITE, SCAN_CONTENT_LENGTH,
+        SCAN_ENDED, SCAN_GAVE_UP, SCAN_IN_LENGTH, SCAN_PAST_COLON, SCAN_TRANSFER_ENCODING,
+        SOCK_FALLBACK, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SOCK_UPGRADED, TARGET_DONE, TARGET_IN,
+        TARGET_METHOD, WAKEUP_BYTES,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -113,10 +114,10 @@ mod probe {
     #[map]
     static HTTPFLOW_CONNS: LruHashMap<u64, HttpConn> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
-    /// Per CPU: the bytes of the head being scanned, and a blank connection to insert from
-    /// (both too big for the 512-byte BPF stack).
+    /// Per CPU: the head scan at work, and a blank connection to insert from (both too big
+    /// for the 512-byte BPF stack).
     #[map]
-    static SCRATCH: PerCpuArray<[u8; CAPTURE]> = PerCpuArray::with_max_entries(1, 0);
+    static SCAN_WORK: PerCpuArray<ScanWork> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     static BLANK: PerCpuArray<HttpConn> = PerCpuArray::with_max_entries(1, 0);
 
@@ -154,6 +155,19 @@ mod probe {
         len: u64,
         how: u32,
         direction: u32,
+    }
+
+    /// A head scan in progress: the call's bytes, and the connection's scan state and path
+    /// while the chunks work on them.
+    #[repr(C)]
+    struct ScanWork {
+        buf: [u8; CAPTURE],
+        path: [u8; PATH_CAPTURE],
+        scan: HeadScan,
+        path_len: u16,
+        /// The path was longer than PATH_CAPTURE.
+        truncated: u8,
+        _pad: [u8; 5],
     }
 
     #[repr(C)]
@@ -680,6 +694,10 @@ mod probe {
                         return;
                     }
                     (*c).state = SOCK_HTTP;
+                    // Read once: the records of every exchange on it copy them.
+                    if describe(sk, &mut (*c).endpoints).is_err() {
+                        count(HTTP_STAT_READ_FAILED);
+                    }
                 }
                 _ => return,
             }
@@ -745,7 +763,7 @@ mod probe {
                     body_after_head(&mut *c, total - used);
                 } else if method != 0 && (*c).body_left == 0 {
                     // A second request before the first was answered: pipelining.
-                    fall_back(&mut *c, key, sk, dir, tls, true);
+                    fall_back(&mut *c, key, dir, tls, true);
                     emit(key, sk, src, avail, total, KIND_DATA, dir, tls);
                     return;
                 } else {
@@ -792,7 +810,7 @@ mod probe {
                     // More requests in the same call: pipelining. Userspace frames this call and
                     // the rest of the connection.
                     (*c).phase = PHASE_IDLE;
-                    fall_back(&mut *c, key, sk, dir, tls, false);
+                    fall_back(&mut *c, key, dir, tls, false);
                     emit(key, sk, src, avail, total, KIND_DATA, dir, tls);
                     return;
                 }
@@ -956,7 +974,11 @@ mod probe {
     }
 
     /// [`scan_head`] as a global BPF function: the verifier checks it once, on its own, rather
-    /// than at every call site along every path (its loop alone is ~1,000 iterations).
+    /// than at every call site along every path.
+    ///
+    /// The call's head bytes are read from user memory in one helper call into this CPU's
+    /// [`ScanWork`], with the scan state; the chunks work there (a per-CPU lookup is a few
+    /// instructions, a connection lookup per chunk was a hash each), and the state goes back.
     #[unsafe(no_mangle)]
     #[inline(never)]
     pub extern "C" fn httpflow_scan(
@@ -969,8 +991,12 @@ mod probe {
         let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
             return 0;
         };
-        // SAFETY: a live map entry (read before the chunks write it).
-        let seen = unsafe { (*conn).scan.seen } as u64;
+        let Some(work) = SCAN_WORK.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: a live map entry and this CPU's slot.
+        let (c, work) = unsafe { (&mut *conn, &mut *work) };
+        let seen = c.scan.seen as u64;
         let room = CAPTURE as u64
             - if seen < CAPTURE as u64 {
                 seen
@@ -984,6 +1010,29 @@ mod probe {
         if src == 0 {
             n = 0;
         }
+        // Bounded right before the helper call: older verifiers (5.10) lose a scalar's
+        // bounds when it is spilled across other calls.
+        let len = (n as u32) & (2 * CAPTURE as u32 - 1);
+        let len = if len > CAPTURE as u32 {
+            CAPTURE as u32
+        } else {
+            len
+        };
+        // SAFETY: `buf` holds CAPTURE bytes and len <= CAPTURE.
+        if len > 0
+            && unsafe { raw_read_user(work.buf.as_mut_ptr() as *mut _, len, src as *const _) } != 0
+        {
+            count(HTTP_STAT_READ_FAILED);
+            c.scan.flags |= SCAN_GAVE_UP;
+            return 0;
+        }
+        let capture_target = request != 0 && c.scan.target != TARGET_DONE;
+        work.scan = c.scan;
+        work.truncated = 0;
+        if capture_target {
+            work.path_len = c.path_len;
+            copy_path(&mut work.path, &c.path);
+        }
         // In chunks: the verifier checks the chunk function once, and its loop is short.
         let mut done: u64 = 0;
         let mut k = 0;
@@ -994,18 +1043,26 @@ mod probe {
             } else {
                 CHUNK as u64
             };
-            let used = httpflow_scan_chunk(key, src + done, want, request);
+            let used = httpflow_scan_chunk(done, want, request);
             done += used;
-            // SAFETY: the live entry the chunk just wrote (volatile: written through another
-            // pointer).
-            let flags = unsafe { core::ptr::read_volatile(&(*conn).scan.flags) };
+            // SAFETY: this CPU's slot, written by the chunk through its own pointer.
+            let flags = unsafe { core::ptr::read_volatile(&work.scan.flags) };
             if used < want || flags & SCAN_ENDED != 0 {
                 break;
             }
             k += 1;
         }
-        // SAFETY: the same live entry, after the chunks' writes.
-        let c = unsafe { &mut *conn };
+        // SAFETY: the slot after the chunks' writes (volatile: written through another
+        // pointer).
+        c.scan = unsafe { core::ptr::read_volatile(&work.scan) };
+        if capture_target {
+            c.path_len = work.path_len;
+            copy_path(&mut c.path, &work.path);
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(&work.truncated) } != 0 {
+                c.flags |= EX_TRUNCATED;
+            }
+        }
         if c.scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
             if c.scan.seen as usize >= CAPTURE {
                 // Longer than we read: cut.
@@ -1022,38 +1079,28 @@ mod probe {
     /// Head bytes scanned per call of [`httpflow_scan_chunk`].
     const CHUNK: usize = 32;
 
-    /// Scans up to [`CHUNK`] head bytes at `src`; returns how many belong to the head (fewer
-    /// than `n` when it ends, 0 when they cannot be read).
+    /// Scans up to [`CHUNK`] bytes of this CPU's [`ScanWork`] from `at` (a multiple of
+    /// CHUNK); returns how many belong to the head (fewer than `n` when it ends).
     #[unsafe(no_mangle)]
     #[inline(never)]
-    pub extern "C" fn httpflow_scan_chunk(key: u64, src: u64, n: u64, request: u64) -> u64 {
+    pub extern "C" fn httpflow_scan_chunk(at: u64, n: u64, request: u64) -> u64 {
         let request = request != 0;
-        let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
+        let Some(work) = SCAN_WORK.get_ptr_mut(0) else {
             return 0;
         };
-        // SAFETY: a live map entry.
-        let c = unsafe { &mut *conn };
-        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
-            return 0;
-        };
-        // Bounded right before the helper call: older verifiers (5.10) lose a scalar's
-        // bounds when it is spilled across other calls.
+        // SAFETY: this CPU's slot.
+        let work = unsafe { &mut *work };
+        let base = (at as usize) & (CAPTURE - CHUNK);
         let len = (n as u32) & (2 * CHUNK as u32 - 1);
         let len = if len > CHUNK as u32 {
             CHUNK as u32
         } else {
             len
         };
-        // SAFETY: `buf` is this CPU's CAPTURE-byte slot and len <= CHUNK.
-        if len > 0 && unsafe { raw_read_user(buf as *mut _, len, src as *const _) } != 0 {
-            count(HTTP_STAT_READ_FAILED);
-            c.scan.flags |= SCAN_GAVE_UP;
-            return 0;
-        }
         let mut w = Window {
-            w0: c.scan.w0,
-            w1: c.scan.w1,
-            content_length: c.scan.content_length,
+            w0: work.scan.w0,
+            w1: work.scan.w1,
+            content_length: work.scan.content_length,
         };
         // The loop counts to the constant CHUNK, leaving at `len`: read back through a volatile
         // so that LLVM cannot turn the exit test into `i != len`, an exit older verifiers
@@ -1066,22 +1113,50 @@ mod probe {
             if k >= limit {
                 break;
             }
-            // SAFETY: k < CHUNK <= CAPTURE.
-            let b = unsafe { (*buf)[(k as usize) & (CHUNK - 1)] };
+            // Eight bytes at once where none of them can matter: no line end, and no colon
+            // that could end a header's name. Most of a head is header values.
+            if k & 7 == 0
+                && k + 8 <= limit
+                && work.scan.flags & SCAN_IN_LENGTH == 0
+                && (!request || work.scan.target == TARGET_DONE)
+            {
+                let at = (base + k as usize) & (CAPTURE - 8);
+                // SAFETY: at + 8 <= CAPTURE; `buf` is 8-byte aligned and `at` a multiple of 8.
+                let word = unsafe { *(work.buf.as_ptr().add(at) as *const u64) };
+                if !has_byte(word, b'\n')
+                    && (work.scan.flags & SCAN_PAST_COLON != 0 || !has_byte(word, b':'))
+                {
+                    w.w1 = w.w0;
+                    w.w0 = u64::from_be(word);
+                    k += 8;
+                    i = k;
+                    continue;
+                }
+            }
+            let b = work.buf[(base + k as usize) & (CAPTURE - 1)];
             k += 1;
             i = k;
-            if scan_byte(c, &mut w, b, request) {
+            if scan_byte(work, &mut w, b, request) {
                 break;
             }
         }
-        c.scan.w0 = w.w0;
-        c.scan.w1 = w.w1;
-        c.scan.content_length = w.content_length;
-        c.scan.seen += i;
+        work.scan.w0 = w.w0;
+        work.scan.w1 = w.w1;
+        work.scan.content_length = w.content_length;
+        work.scan.seen += i;
         i as u64
     }
 
     const LOWER: u64 = 0x2020_2020_2020_2020;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+
+    /// True when one of the eight bytes of `word` is `b` (the "has zero byte" test on
+    /// `word ^ b...b`, exact).
+    #[inline(always)]
+    fn has_byte(word: u64, b: u8) -> bool {
+        let x = word ^ (ONES * b as u64);
+        x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+    }
 
     /// The scan's hot state, kept in registers through a chunk (the rest stays in the map
     /// entry: it changes rarely, and values loaded from memory keep the verifier's paths few).
@@ -1093,7 +1168,7 @@ mod probe {
 
     /// One head byte; true at the head's end (CRLF CRLF).
     #[inline(always)]
-    fn scan_byte(c: &mut HttpConn, w: &mut Window, b: u8, request: bool) -> bool {
+    fn scan_byte(c: &mut ScanWork, w: &mut Window, b: u8, request: bool) -> bool {
         w.w1 = (w.w1 << 8) | (w.w0 >> 56);
         w.w0 = (w.w0 << 8) | b as u64;
         if request && c.scan.target != TARGET_DONE {
@@ -1107,7 +1182,7 @@ mod probe {
                 c.path[(c.path_len as usize) & (PATH_CAPTURE - 1)] = b;
                 c.path_len += 1;
             } else {
-                c.flags |= EX_TRUNCATED;
+                c.truncated = 1;
                 c.scan.target = TARGET_DONE;
             }
         }
@@ -1121,7 +1196,11 @@ mod probe {
                 c.scan.flags &= !SCAN_IN_LENGTH;
             }
         }
-        if b == b':' {
+        if b == b'\n' {
+            c.scan.flags &= !SCAN_PAST_COLON;
+        }
+        if b == b':' && c.scan.flags & SCAN_PAST_COLON == 0 {
+            c.scan.flags |= SCAN_PAST_COLON;
             let lw0 = w.w0 | LOWER;
             let lw1 = w.w1 | LOWER;
             if lw0 == u64::from_be_bytes(*b"-length:")
@@ -1158,7 +1237,6 @@ mod probe {
         };
         // SAFETY: a live map entry.
         let c = unsafe { &mut *conn };
-        let sk = (key & !(FLAG_TLS as u64)) as *const u8;
         let phase = c.phase;
         c.phase = PHASE_IDLE;
         if phase == PHASE_REQUEST || c.status == 0 {
@@ -1186,17 +1264,8 @@ mod probe {
             (*ex).flags = c.flags;
             (*ex).minor = c.minor;
             (*ex).comm = c.comm;
-            (*ex).path = c.path;
-            let mut addr = Addresses::default();
-            if describe(sk, &mut addr).is_err() {
-                count(HTTP_STAT_READ_FAILED);
-            }
-            (*ex).family = addr.family;
-            (*ex).sport = addr.sport;
-            (*ex).dport = addr.dport;
-            (*ex).saddr = addr.saddr;
-            (*ex).daddr = addr.daddr;
-            (*ex).netns = addr.netns;
+            (*ex).endpoints = c.endpoints;
+            copy_path(&mut (*ex).path, &c.path);
         }
         entry.submit(wake_flags(&HTTPFLOW_EXCHANGES));
         count(HTTP_STAT_EXCHANGES);
@@ -1220,7 +1289,7 @@ mod probe {
     /// From now on this connection's calls go to userspace. `seed`: the request under way
     /// (parsed here, unanswered) goes first, so that userspace can pair it.
     #[inline(always)]
-    fn fall_back(c: &mut HttpConn, key: u64, sk: *const u8, dir: u32, tls: bool, seed: bool) {
+    fn fall_back(c: &mut HttpConn, key: u64, dir: u32, tls: bool, seed: bool) {
         c.state = SOCK_FALLBACK;
         count(HTTP_STAT_FALLBACKS);
         if !seed || c.phase != PHASE_REQUEST {
@@ -1256,9 +1325,7 @@ mod probe {
                 (*ev).data[i] = c.path[i];
                 i += 1;
             }
-            let mut addr = Addresses::default();
-            let _ = describe(sk, &mut addr);
-            fill_event_addresses(ev, &addr);
+            (*ev).endpoints = c.endpoints;
         }
         entry.submit(wake_flags(&HTTPFLOW_EVENTS));
     }
@@ -1312,41 +1379,28 @@ mod probe {
             (*ev).direction = dir;
             (*ev).flags = if tls { FLAG_TLS } else { 0 };
             (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-            let mut addr = Addresses::default();
-            if describe(sk, &mut addr).is_err() {
+            if describe(sk, &mut (*ev).endpoints).is_err() {
                 count(HTTP_STAT_READ_FAILED);
             }
-            fill_event_addresses(ev, &addr);
         }
         entry.submit(wake_flags(&HTTPFLOW_EVENTS));
     }
 
-    #[derive(Default)]
-    struct Addresses {
-        saddr: [u8; 16],
-        daddr: [u8; 16],
-        sport: u16,
-        dport: u16,
-        family: u16,
-        netns: u32,
-    }
-
-    /// SAFETY: `ev` must be a reserved ring-buffer record.
+    /// Copies a captured path a word at a time (a plain array copy becomes a byte loop).
     #[inline(always)]
-    unsafe fn fill_event_addresses(ev: *mut HttpEvent, addr: &Addresses) {
-        // SAFETY: per the caller.
-        unsafe {
-            (*ev).family = addr.family;
-            (*ev).sport = addr.sport;
-            (*ev).dport = addr.dport;
-            (*ev).saddr = addr.saddr;
-            (*ev).daddr = addr.daddr;
-            (*ev).netns = addr.netns;
+    fn copy_path(dst: &mut [u8; PATH_CAPTURE], src: &[u8; PATH_CAPTURE]) {
+        let (d, s) = (dst.as_mut_ptr() as *mut u64, src.as_ptr() as *const u64);
+        let mut i = 0;
+        while i < PATH_CAPTURE / 8 {
+            // SAFETY: i < PATH_CAPTURE / 8 words of both arrays; both are 8-byte aligned in
+            // their structs.
+            unsafe { *d.add(i) = *s.add(i) };
+            i += 1;
         }
     }
 
     /// The connection's addresses.
-    fn describe(sk: *const u8, out: &mut Addresses) -> Result<(), ()> {
+    fn describe(sk: *const u8, out: &mut Endpoints) -> Result<(), ()> {
         let off = offsets();
         let family: u16 = read(sk, off.skc_family)?;
         out.family = family;

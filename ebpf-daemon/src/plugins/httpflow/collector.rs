@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader, Endianness,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, TracePoint},
 };
@@ -214,7 +214,7 @@ impl HttpflowCollector {
             .context("loading the httpflow object")?;
         let misses: &'static [&'static [&'static str]] = match tier.tier {
             HttpflowTier::Fentry => {
-                attach_fentry(&mut ebpf, config, kernel_btf)?;
+                attach_fentry(&mut ebpf, kernel_btf)?;
                 &FENTRY_MISS_GROUPS
             }
             _ => {
@@ -397,12 +397,7 @@ fn attach_syscalls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> anyhow::Result<()> {
-    let btf = match &config.btf {
-        Some(path) => Btf::parse_file(path, Endianness::default())
-            .with_context(|| format!("parsing BTF file {}", path.display()))?,
-        None => Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?,
-    };
+fn attach_fentry(ebpf: &mut Ebpf, kernel_btf: &KernelBtf) -> anyhow::Result<()> {
     for (entry, exit, function) in FENTRY_PROGRAMS {
         let attached = (|| -> anyhow::Result<()> {
             for suffix in ["", TWIN_SUFFIX] {
@@ -411,14 +406,14 @@ fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> an
                     .program_mut(&name)
                     .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                program.load(function, &btf)?;
+                program.load_by_id(kernel_btf.function_id(function)?)?;
                 program.attach()?;
                 let name = format!("{exit}{suffix}");
                 let program: &mut FExit = ebpf
                     .program_mut(&name)
                     .with_context(|| format!("program {name} missing from the object"))?
                     .try_into()?;
-                program.load(function, &btf)?;
+                program.load_by_id(kernel_btf.function_id(function)?)?;
                 program.attach()?;
             }
             Ok(())
@@ -438,7 +433,7 @@ fn attach_fentry(ebpf: &mut Ebpf, config: &Config, kernel_btf: &KernelBtf) -> an
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
-        program.load(function, &btf)?;
+        program.load_by_id(kernel_btf.function_id(function)?)?;
         program
             .attach()
             .with_context(|| format!("fexit/{function} ({name})"))?;
@@ -477,12 +472,12 @@ fn exchange_of(ex: &HttpExchange) -> Exchange {
     let path = &ex.path[..(ex.path_len as usize).min(PATH_CAPTURE)];
     Exchange {
         meta: ConnMeta {
-            saddr: ex.saddr,
-            daddr: ex.daddr,
-            sport: ex.sport,
-            dport: ex.dport,
-            family: ex.family,
-            netns: ex.netns,
+            saddr: ex.endpoints.saddr,
+            daddr: ex.endpoints.daddr,
+            sport: ex.endpoints.sport,
+            dport: ex.endpoints.dport,
+            family: ex.endpoints.family,
+            netns: ex.endpoints.netns,
             pid: ex.pid,
             comm: ex.comm,
         },
@@ -513,12 +508,12 @@ fn drain_events(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Ve
             continue;
         }
         let meta = ConnMeta {
-            saddr: ev.saddr,
-            daddr: ev.daddr,
-            sport: ev.sport,
-            dport: ev.dport,
-            family: ev.family,
-            netns: ev.netns,
+            saddr: ev.endpoints.saddr,
+            daddr: ev.endpoints.daddr,
+            sport: ev.endpoints.sport,
+            dport: ev.endpoints.dport,
+            family: ev.endpoints.family,
+            netns: ev.endpoints.netns,
             pid: ev.pid,
             comm: ev.comm,
         };

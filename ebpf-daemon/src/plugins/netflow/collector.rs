@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, FExit, KProbe, TracePoint},
 };
@@ -390,12 +390,6 @@ impl NetflowCollector {
             bail!("struct sock_common: skc_num is not right after skc_dport ({offsets:?})");
         }
         debug!("netflow: kernel offsets {offsets:?}");
-        // fexit and tp_btf programs attach by the running kernel's own type ids; a --btf file
-        // (for a kernel without them) only gives offsets, and the kprobe tier needs no ids.
-        let btf = match tier.tier {
-            NetflowTier::Kprobe | NetflowTier::ClassicTracepoint => None,
-            _ => Some(Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?),
-        };
         let tp_offsets = match tier.tier {
             NetflowTier::Kprobe => classic_tracepoint_offsets(tracefs)?,
             NetflowTier::ClassicTracepoint => {
@@ -416,7 +410,6 @@ impl NetflowCollector {
                 loader.map_max_entries(CLOSED_MAP, bytes);
             }
             loader
-                .btf(btf.as_ref())
                 .override_global(OFFSETS_GLOBAL, &offsets, true)
                 .override_global(TP_OFFSETS_GLOBAL, &tp_offsets, true)
                 .override_global(UDP_UNCONNECTED_GLOBAL, &udp_peers, true)
@@ -429,7 +422,7 @@ impl NetflowCollector {
                 .context("loading the netflow object")
         };
         let (mut ebpf, udp_peers) = load_udp_peers(config, load_object)?;
-        let kretprobes = attach_tier(&mut ebpf, tier.tier, btf.as_ref(), tracefs)?;
+        let kretprobes = attach_tier(&mut ebpf, tier.tier, kernel_btf, tracefs)?;
         info!(
             "netflow: attached at the {} tier ({} connections max, closed connections through the {})",
             tier.tier.name(),
@@ -724,12 +717,11 @@ pub fn udp_peers_plan(config: &Config) -> String {
 fn attach_tier(
     ebpf: &mut Ebpf,
     tier: NetflowTier,
-    btf: Option<&Btf>,
+    kernel_btf: &KernelBtf,
     tracefs: Option<&Path>,
 ) -> anyhow::Result<Vec<Kretprobe>> {
     let mut tp_btf = Vec::new();
     let mut kretprobes = Vec::new();
-    let kernel_btf = || btf.context("the running kernel's BTF");
     match tier {
         NetflowTier::Auto => unreachable!("auto is resolved by choose_tier"),
         NetflowTier::Tracepoint => {
@@ -739,9 +731,9 @@ fn attach_tier(
         NetflowTier::Fentry => {
             for (name, function) in FEXIT_IO {
                 let program: &mut FExit = program_as(ebpf, name)?;
-                let attached = program
-                    .load(function, kernel_btf()?)
-                    .map_err(anyhow::Error::from)
+                let attached = kernel_btf
+                    .function_id(function)
+                    .and_then(|id| Ok(program.load_by_id(id)?))
                     .and_then(|()| Ok(program.attach()?));
                 match attached {
                     Ok(_) => {}
@@ -794,7 +786,7 @@ fn attach_tier(
     for (name, tracepoint) in tp_btf {
         let program: &mut BtfTracePoint = program_as(ebpf, name)?;
         program
-            .load(tracepoint, kernel_btf()?)
+            .load_by_id(kernel_btf.tracepoint_id(tracepoint)?)
             .with_context(|| format!("loading {name} for tp_btf/{tracepoint}"))?;
         program
             .attach()
