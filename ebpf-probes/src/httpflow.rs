@@ -1010,9 +1010,12 @@ mod probe {
         if src == 0 {
             n = 0;
         }
-        // Bounded right before the helper call: older verifiers (5.10) lose a scalar's
-        // bounds when it is spilled across other calls.
-        let len = (n as u32) & (2 * CAPTURE as u32 - 1);
+        // Bounded right before the helper call, on a value LLVM cannot see through: it knows
+        // n <= CAPTURE and would drop the mask, and older verifiers (5.10, 6.1) cannot carry
+        // that bound through a comparison of two registers.
+        let n32 = n as u32;
+        // SAFETY: a read of a local.
+        let len = unsafe { core::ptr::read_volatile(&n32) } & (2 * CAPTURE as u32 - 1);
         let len = if len > CAPTURE as u32 {
             CAPTURE as u32
         } else {

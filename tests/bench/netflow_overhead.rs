@@ -304,6 +304,12 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -450,6 +456,18 @@ fn with_daemon(dir: &Path, pair: &NetPair, config: &Config, load: Load, seen: &m
         peak_kb,
         rss_kb,
     }
+}
+
+fn cores() -> f64 {
+    thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+/// Per pair, the CPU time each request cost more than in the "off" run, in µs: with every core
+/// busy, a request costs cores / rate seconds of CPU.
+fn added_us(on: impl Iterator<Item = f64>, off: &[f64]) -> Vec<f64> {
+    on.zip(off)
+        .map(|(on, off)| cores() * (1.0 / on - 1.0 / off) * 1e6)
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -608,10 +626,11 @@ fn main() {
     };
     // nginx serves every HTTP run (started once, before any daemon: the OpenSSL uprobes attach
     // to the libssl of processes running when the daemon starts, or found by its rescans).
-    let _nginx = Nginx::start(&pair, &dir);
+    let nginx = Nginx::start(&pair, &dir);
     for load in Load::ALL {
         load.run(&pair, Duration::from_secs(1));
     }
+    let libssl = libssl_of(nginx.pid());
 
     // Per load: the "off" rates of the pairs, and per configuration its samples, pair by pair.
     let mut off = vec![Vec::new(); Load::ALL.len()];
@@ -619,6 +638,8 @@ fn main() {
         .iter()
         .map(|_| CONFIGS.iter().map(|_| Vec::new()).collect())
         .collect();
+    // Per load: the rates with only the hooks' floor attached, pair by pair.
+    let mut floors = vec![Vec::new(); Load::ALL.len()];
     let mut seen = Seen::default();
     for i in 0..PAIRS {
         for (l, load) in Load::ALL.into_iter().enumerate() {
@@ -628,6 +649,10 @@ fn main() {
                 .iter()
                 .map(|config| with_daemon(&dir, &pair, config, load, &mut seen))
                 .collect();
+            let floor = {
+                let _hooks = Floor::of(load).attach(&libssl);
+                seen.run(&pair, load, None).rate
+            };
             let base = early.unwrap_or_else(|| seen.run(&pair, load, None).rate);
             let ratios: Vec<String> = CONFIGS
                 .iter()
@@ -642,6 +667,7 @@ fn main() {
                 ratios.join(", ")
             );
             off[l].push(base);
+            floors[l].push(floor);
             for (runs, sample) in on[l].iter_mut().zip(samples) {
                 runs.push(sample);
             }
@@ -747,6 +773,7 @@ fn main() {
         "req/s off → on (medians)",
         "on/off throughput, median (pairs' range)",
         "target",
+        "CPU added per request, µs (both ends)",
         "daemon CPU, % of one core",
         "daemon CPU, ms per 10k requests (target ≤ 50)",
         "peak RSS, MB (target ≤ 24)",
@@ -768,6 +795,7 @@ fn main() {
                 ),
                 median_range(ratios, 3),
                 format!("≥ {:.2}", config.target),
+                median_range(added_us(runs.iter().map(|s| s.rate), &off[l]), 1),
                 format!("{:.1}", median(of(|s| s.cpu_percent))),
                 median_range(of(|s| s.cpu_ms_per_10k), 1),
                 mb(runs.iter().map(|s| s.peak_kb).max().unwrap()),
@@ -778,6 +806,7 @@ fn main() {
     rows.push(vec![
         DEFAULT.name.to_string(),
         "10,000 live connections, idle".to_string(),
+        "–".to_string(),
         "–".to_string(),
         "–".to_string(),
         "–".to_string(),
@@ -793,6 +822,43 @@ fn main() {
          core at 10k req/s; peak RSS: the highest VmHWM of the runs, mostly the start-up peak; \
          steady RSS: the median VmRSS at the load's end; targets printed, not checked: RSS ≤ \
          {RSS_MB_TARGET:.0} MB)"
+    );
+
+    println!(
+        "\n== the hooks' floor: the same loads with only empty programs where httpflow attaches \
+         (in the same pairs)"
+    );
+    let rows: Vec<Vec<String>> = Load::ALL
+        .into_iter()
+        .enumerate()
+        .map(|(l, load)| {
+            let ratios: Vec<f64> = floors[l].iter().zip(&off[l]).map(|(f, o)| f / o).collect();
+            vec![
+                load.name().to_string(),
+                Floor::of(load).name().to_string(),
+                format!(
+                    "{} → {}",
+                    thousands(median(off[l].clone())),
+                    thousands(median(floors[l].clone()))
+                ),
+                median_range(ratios, 3),
+                median_range(added_us(floors[l].iter().copied(), &off[l]), 1),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "load",
+            "hooks",
+            "req/s off → floor (medians)",
+            "floor/off throughput, median (pairs' range)",
+            "CPU added per request, µs (both ends)",
+        ],
+        &rows,
+    );
+    println!(
+        "(CPU added per request: {} cores × (1/on − 1/off), both cores being busy in these loads)",
+        cores()
     );
 
     println!("\n== kernel time per program run (netflow alone, 64-byte ping-pong, bpf_stats)");
@@ -887,4 +953,215 @@ impl EmptyProgram {
             _link: link,
         })
     }
+}
+
+/// What the hooks httpflow attaches to cost with nothing in them: the same empty program
+/// attached where httpflow's syscalls tier attaches, or where httpflow-tls attaches its OpenSSL
+/// probes. The gap between a configuration and its floor is the programs' own work.
+#[derive(Clone, Copy)]
+enum Floor {
+    /// httpflow's syscalls tier: entry and exit of the read/write family.
+    SyscallTracepoints,
+    /// httpflow-tls: uprobe and uretprobe on SSL_read, SSL_write and their `_ex` variants.
+    LibsslUprobes,
+}
+
+/// httpflow's syscall tracepoints (ebpf-daemon/src/plugins/httpflow/collector.rs).
+const HTTPFLOW_SYSCALLS: [&str; 9] = [
+    "read",
+    "recvfrom",
+    "write",
+    "sendto",
+    "readv",
+    "writev",
+    "recvmsg",
+    "sendmsg",
+    "sendfile64",
+];
+
+/// httpflow-tls's OpenSSL functions (ebpf-daemon/src/plugins/httpflow/tls.rs).
+const LIBSSL_FUNCTIONS: [&str; 4] = ["SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"];
+
+impl Floor {
+    fn of(load: Load) -> Floor {
+        match load {
+            Load::Https => Floor::LibsslUprobes,
+            Load::Http | Load::PingPong => Floor::SyscallTracepoints,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Floor::SyscallTracepoints => {
+                "empty programs on httpflow's 18 syscall tracepoints (its syscalls tier's floor)"
+            }
+            Floor::LibsslUprobes => {
+                "empty uprobe + uretprobe on libssl's SSL_read/SSL_write(_ex) (httpflow-tls's floor)"
+            }
+        }
+    }
+
+    /// Attaches the empty programs; `libssl`: the library nginx maps.
+    fn attach(self, libssl: &Path) -> Hooks {
+        match self {
+            Floor::SyscallTracepoints => {
+                let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+                    .into_iter()
+                    .map(Path::new)
+                    .find(|p| p.join("events/syscalls").is_dir())
+                    .expect("tracefs with syscall events (a daemon run mounts it)");
+                let prog = Hooks::empty_program(Hooks::BPF_PROG_TYPE_TRACEPOINT);
+                let events = HTTPFLOW_SYSCALLS
+                    .iter()
+                    .flat_map(|call| [format!("sys_enter_{call}"), format!("sys_exit_{call}")])
+                    .map(|event| {
+                        let id = std::fs::read_to_string(
+                            tracefs.join("events/syscalls").join(&event).join("id"),
+                        )
+                        .unwrap_or_else(|err| panic!("tracepoint {event}: {err}"));
+                        let mut attr = Hooks::event_attr(2, 0); // PERF_TYPE_TRACEPOINT
+                        attr[8..16]
+                            .copy_from_slice(&id.trim().parse::<u64>().unwrap().to_ne_bytes());
+                        Hooks::open_with(&attr, &prog, &event)
+                    })
+                    .collect();
+                Hooks {
+                    _events: events,
+                    _prog: prog,
+                }
+            }
+            Floor::LibsslUprobes => {
+                let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")
+                    .expect("the uprobe PMU")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                let prog = Hooks::empty_program(Hooks::BPF_PROG_TYPE_KPROBE);
+                let path = std::ffi::CString::new(libssl.as_os_str().as_encoded_bytes()).unwrap();
+                let mut events = Vec::new();
+                for (function, offset) in file_offsets(libssl, &LIBSSL_FUNCTIONS) {
+                    for retprobe in [0u64, 1] {
+                        let mut attr = Hooks::event_attr(pmu, retprobe);
+                        attr[56..64].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+                        attr[64..72].copy_from_slice(&offset.to_ne_bytes());
+                        events.push(Hooks::open_with(&attr, &prog, function));
+                    }
+                }
+                Hooks {
+                    _events: events,
+                    _prog: prog,
+                }
+            }
+        }
+    }
+}
+
+/// An empty program on perf events (tracepoints or uprobes); detached on Drop.
+struct Hooks {
+    _events: Vec<std::os::fd::OwnedFd>,
+    _prog: std::os::fd::OwnedFd,
+}
+
+impl Hooks {
+    const BPF_PROG_TYPE_KPROBE: u32 = 2;
+    const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+
+    fn empty_program(prog_type: u32) -> std::os::fd::OwnedFd {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // r0 = 0; exit
+        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+        let license = c"GPL";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+        attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..48 + EmptyProgram::NAME.len()].copy_from_slice(EmptyProgram::NAME.as_bytes());
+        // SAFETY: bpf(2) BPF_PROG_LOAD with an attribute buffer of the size passed.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
+        assert!(
+            fd >= 0,
+            "loading an empty program: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor that we own.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    /// `struct perf_event_attr` with type, size, config and sample_period 1.
+    fn event_attr(kind: u32, config: u64) -> [u8; 128] {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&kind.to_ne_bytes());
+        attr[4..8].copy_from_slice(&128u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&config.to_ne_bytes());
+        attr[16..24].copy_from_slice(&1u64.to_ne_bytes());
+        attr
+    }
+
+    /// Opens the event for every process (on CPU 0: a BPF program on a tracepoint or uprobe
+    /// runs wherever it fires) and runs `prog` on it.
+    fn open_with(
+        attr: &[u8; 128],
+        prog: &std::os::fd::OwnedFd,
+        what: &str,
+    ) -> std::os::fd::OwnedFd {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: perf_event_open(2) reads the attribute buffer; the strings it points to live
+        // across the call.
+        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), -1, 0, -1, 0) };
+        assert!(
+            fd >= 0,
+            "perf_event_open {what}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor that we own.
+        let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+        // SAFETY: ioctls on our perf event with a program descriptor.
+        let set =
+            unsafe { libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd()) };
+        assert!(
+            set == 0,
+            "attaching to {what}: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: as above.
+        unsafe { libc::ioctl(event.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) };
+        event
+    }
+}
+
+/// File offsets of `functions` (dynamic symbols) in the ELF file `path`, for uprobes.
+fn file_offsets<'a>(path: &Path, functions: &[&'a str]) -> Vec<(&'a str, u64)> {
+    use object::{Object, ObjectSegment, ObjectSymbol};
+    let data = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let file = object::File::parse(&*data).expect("an ELF library");
+    functions
+        .iter()
+        .filter_map(|&function| {
+            let address = file
+                .dynamic_symbols()
+                .find(|s| s.name().is_ok_and(|n| n == function))?
+                .address();
+            let segment = file
+                .segments()
+                .find(|s| (s.address()..s.address() + s.size()).contains(&address))?;
+            Some((
+                function,
+                address - segment.address() + segment.file_range().0,
+            ))
+        })
+        .collect()
+}
+
+/// The libssl that process `pid` maps.
+fn libssl_of(pid: u32) -> PathBuf {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.contains("/libssl.so"))
+        .map(PathBuf::from)
+        .expect("nginx maps a libssl")
 }
