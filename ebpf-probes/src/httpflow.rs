@@ -114,10 +114,13 @@ mod probe {
     #[map]
     static HTTPFLOW_CONNS: LruHashMap<u64, HttpConn> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
-    /// Per CPU: the head scan at work, and a blank connection to insert from (both too big
-    /// for the 512-byte BPF stack).
+    /// Per CPU: the head scan at work (too big for the 512-byte BPF stack). Two slots: the
+    /// fentry tier's twins (see `fentry_programs!`) may run on one CPU while the other is
+    /// preempted mid-scan, so each has its own; every other program uses slot 0 (tracepoint
+    /// and uprobe programs do not nest on a CPU).
     #[map]
-    static SCAN_WORK: PerCpuArray<ScanWork> = PerCpuArray::with_max_entries(1, 0);
+    static SCAN_WORK: PerCpuArray<ScanWork> = PerCpuArray::with_max_entries(2, 0);
+    /// A blank connection to insert from.
     #[map]
     static BLANK: PerCpuArray<HttpConn> = PerCpuArray::with_max_entries(1, 0);
 
@@ -324,12 +327,12 @@ mod probe {
         let _ = CALLS.remove(&thread);
         // SAFETY: `ret` of a syscall exit tracepoint is at offset 16.
         let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-        finish(&call, ret)
+        finish(&call, ret, 0)
     }
 
-    /// The remembered call returned `ret`.
+    /// The remembered call returned `ret`; `slot`: the caller's [`SCAN_WORK`] slot.
     #[inline(always)]
-    fn finish(call: &Call, ret: i64) -> u32 {
+    fn finish(call: &Call, ret: i64, slot: u32) -> u32 {
         if ret <= 0 {
             return 0;
         }
@@ -341,7 +344,16 @@ mod probe {
                 return 0;
             }
         };
-        on_data(sk as u64, sk, src, avail, ret as u64, call.direction, false);
+        on_data(
+            sk as u64,
+            sk,
+            src,
+            avail,
+            ret as u64,
+            call.direction,
+            false,
+            slot,
+        );
         0
     }
 
@@ -424,7 +436,7 @@ mod probe {
     /// exit takes the entry and the second finds none.
     macro_rules! fentry_programs {
         ($send:ident, $send6:ident, $recv:ident, $recv6:ident,
-         $send_ret:ident, $send6_ret:ident, $recv_ret:ident, $recv6_ret:ident) => {
+         $send_ret:ident, $send6_ret:ident, $recv_ret:ident, $recv6_ret:ident, $slot:expr) => {
             #[fentry(function = "inet_sendmsg")]
             pub fn $send(ctx: FEntryContext) -> u32 {
                 msg_enter(&ctx, DIR_WRITE)
@@ -447,22 +459,22 @@ mod probe {
 
             #[fexit(function = "inet_sendmsg")]
             pub fn $send_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 3)
+                msg_exit(&ctx, 3, $slot)
             }
 
             #[fexit(function = "inet6_sendmsg")]
             pub fn $send6_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 3)
+                msg_exit(&ctx, 3, $slot)
             }
 
             #[fexit(function = "inet_recvmsg")]
             pub fn $recv_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 4)
+                msg_exit(&ctx, 4, $slot)
             }
 
             #[fexit(function = "inet6_recvmsg")]
             pub fn $recv6_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 4)
+                msg_exit(&ctx, 4, $slot)
             }
         };
     }
@@ -475,7 +487,8 @@ mod probe {
         httpflow_inet_send_ret,
         httpflow_inet6_send_ret,
         httpflow_inet_recv_ret,
-        httpflow_inet6_recv_ret
+        httpflow_inet6_recv_ret,
+        0
     );
     fentry_programs!(
         httpflow_inet_send_b,
@@ -485,7 +498,8 @@ mod probe {
         httpflow_inet_send_ret_b,
         httpflow_inet6_send_ret_b,
         httpflow_inet_recv_ret_b,
-        httpflow_inet6_recv_ret_b
+        httpflow_inet6_recv_ret_b,
+        1
     );
 
     /// `ssize_t inet_sendpage(struct socket *, struct page *, int offset, size_t, int flags)`
@@ -513,7 +527,7 @@ mod probe {
         if SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
             return 0;
         }
-        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false);
+        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false, 0);
         0
     }
 
@@ -549,7 +563,7 @@ mod probe {
     }
 
     #[inline(always)]
-    fn msg_exit(ctx: &FExitContext, nargs: usize) -> u32 {
+    fn msg_exit(ctx: &FExitContext, nargs: usize, slot: u32) -> u32 {
         let thread = bpf_get_current_pid_tgid();
         // SAFETY: a copy out of the map value.
         let Some(call) = (unsafe { CALLS.get(&thread) }).copied() else {
@@ -557,7 +571,7 @@ mod probe {
         };
         let _ = CALLS.remove(&thread);
         let ret = ctx.arg::<u64>(nargs) as i32 as i64;
-        finish(&call, ret)
+        finish(&call, ret, slot)
     }
 
     /// The first user bytes a `struct msghdr`'s iterator points at, and how many are
@@ -646,7 +660,17 @@ mod probe {
     /// OpenSSL); `src`, `avail`: the contiguous user bytes the call moved first (0, 0: none
     /// readable, as for sendfile); `total`: what it moved in all; `dir`: `DIR_*`.
     #[inline(always)]
-    fn on_data(key: u64, sk: *const u8, src: u64, avail: u64, total: u64, dir: u32, tls: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn on_data(
+        key: u64,
+        sk: *const u8,
+        src: u64,
+        avail: u64,
+        total: u64,
+        dir: u32,
+        tls: bool,
+        slot: u32,
+    ) {
         let mut first = None;
         let conn = match HTTPFLOW_CONNS.get_ptr_mut(&key) {
             Some(conn) => conn,
@@ -732,9 +756,9 @@ mod probe {
                 }
             };
             if is_req {
-                on_request_call(c, key, sk, method, src, avail, total, dir, now, tls);
+                on_request_call(c, key, sk, method, src, avail, total, dir, now, tls, slot);
             } else {
-                on_response_call(c, key, &head, src, avail, total, now);
+                on_response_call(c, key, &head, src, avail, total, now, slot);
             }
         }
     }
@@ -753,13 +777,14 @@ mod probe {
         dir: u32,
         now: u64,
         tls: bool,
+        slot: u32,
     ) {
         // SAFETY: `c` is the live map entry of `key` (see the function's contract).
         unsafe {
             if (*c).phase == PHASE_REQUEST {
                 if (*c).scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
                     // The head continues (written in several calls).
-                    let used = scan_head(key, src, avail, total, true);
+                    let used = scan_head(key, src, avail, total, true, slot);
                     body_after_head(&mut *c, total - used);
                 } else if method != 0 && (*c).body_left == 0 {
                     // A second request before the first was answered: pipelining.
@@ -803,7 +828,7 @@ mod probe {
             (*c).req_end_ns = now;
             (*c).resp_ns = 0;
             (*c).scan = Default::default();
-            let used = scan_head(key, src, avail, total, true);
+            let used = scan_head(key, src, avail, total, true, slot);
             if (*c).scan.flags & SCAN_ENDED != 0 {
                 let body = request_body(&*c);
                 if body != BODY_UNKNOWN && used + body < total {
@@ -830,6 +855,7 @@ mod probe {
         avail: u64,
         total: u64,
         now: u64,
+        slot: u32,
     ) {
         // SAFETY: `c` is the live map entry of `key` (see the function's contract).
         unsafe {
@@ -853,7 +879,7 @@ mod probe {
                     (*c).minor = minor;
                     (*c).resp_ns = now;
                     (*c).scan = Default::default();
-                    let used = scan_head(key, src, avail, total, false);
+                    let used = scan_head(key, src, avail, total, false, slot);
                     if status == 101 {
                         // Switched protocols: what follows is not HTTP/1.
                         complete(key);
@@ -865,7 +891,7 @@ mod probe {
                 PHASE_RESPONSE => {
                     (*c).resp_bytes += total;
                     if (*c).scan.flags & (SCAN_ENDED | SCAN_GAVE_UP) == 0 {
-                        let used = scan_head(key, src, avail, total, false);
+                        let used = scan_head(key, src, avail, total, false, slot);
                         body_after_head(&mut *c, total - used);
                     } else {
                         consume_body(&mut *c, total);
@@ -969,8 +995,8 @@ mod probe {
     /// Scans the call's head bytes (from `src`, at most `avail` contiguous of `total`) into
     /// `c.scan` (and `c.path` for a request); returns how many of them belong to the head.
     #[inline(always)]
-    fn scan_head(key: u64, src: u64, avail: u64, total: u64, request: bool) -> u64 {
-        httpflow_scan(key, src, avail, total, request as u64)
+    fn scan_head(key: u64, src: u64, avail: u64, total: u64, request: bool, slot: u32) -> u64 {
+        httpflow_scan(key, src, avail, total, request as u64 | (slot as u64) << 1)
     }
 
     /// [`scan_head`] as a global BPF function: the verifier checks it once, on its own, rather
@@ -981,17 +1007,12 @@ mod probe {
     /// instructions, a connection lookup per chunk was a hash each), and the state goes back.
     #[unsafe(no_mangle)]
     #[inline(never)]
-    pub extern "C" fn httpflow_scan(
-        key: u64,
-        src: u64,
-        avail: u64,
-        total: u64,
-        request: u64,
-    ) -> u64 {
+    pub extern "C" fn httpflow_scan(key: u64, src: u64, avail: u64, total: u64, mode: u64) -> u64 {
+        let request = mode & 1;
         let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
             return 0;
         };
-        let Some(work) = SCAN_WORK.get_ptr_mut(0) else {
+        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32 & 1) else {
             return 0;
         };
         // SAFETY: a live map entry and this CPU's slot.
@@ -1046,7 +1067,7 @@ mod probe {
             } else {
                 CHUNK as u64
             };
-            let used = httpflow_scan_chunk(done, want, request);
+            let used = httpflow_scan_chunk(done, want, mode);
             done += used;
             // SAFETY: this CPU's slot, written by the chunk through its own pointer.
             let flags = unsafe { core::ptr::read_volatile(&work.scan.flags) };
@@ -1086,9 +1107,9 @@ mod probe {
     /// CHUNK); returns how many belong to the head (fewer than `n` when it ends).
     #[unsafe(no_mangle)]
     #[inline(never)]
-    pub extern "C" fn httpflow_scan_chunk(at: u64, n: u64, request: u64) -> u64 {
-        let request = request != 0;
-        let Some(work) = SCAN_WORK.get_ptr_mut(0) else {
+    pub extern "C" fn httpflow_scan_chunk(at: u64, n: u64, mode: u64) -> u64 {
+        let request = mode & 1 != 0;
+        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32 & 1) else {
             return 0;
         };
         // SAFETY: this CPU's slot.
@@ -1577,6 +1598,7 @@ mod probe {
             n,
             call.direction,
             true,
+            0,
         );
         0
     }

@@ -309,18 +309,35 @@ fn wait_rows(datakit: &FakeDataKit, daemon: &Daemon, pair: &NetPair, e: &Expect)
             e.path,
             daemon.log_text()
         );
-        assert_eq!(sum(&side, "count"), e.count, "count, {what}");
         let (written, read) = if client {
             (e.written, e.read)
         } else {
             (e.read, e.written)
         };
-        assert_eq!(
-            sum(&side, "bytes_written"),
-            written,
-            "bytes_written, {what}"
-        );
-        assert_eq!(sum(&side, "bytes_read"), read, "bytes_read, {what}");
+        // Exact, unless the kernel skipped both twins of a program for some call (preemptible
+        // trampolines, 7.x): then short by at most the calls the daemon says it lost.
+        let lost = calls_lost_at_most(daemon);
+        if lost == 0 {
+            assert_eq!(sum(&side, "count"), e.count, "count, {what}");
+            assert_eq!(
+                sum(&side, "bytes_written"),
+                written,
+                "bytes_written, {what}"
+            );
+            assert_eq!(sum(&side, "bytes_read"), read, "bytes_read, {what}");
+        } else {
+            let count = sum(&side, "count");
+            assert!(
+                count <= e.count && count + lost as i64 >= e.count,
+                "count {count}, expected {} less at most {lost} lost calls, {what}",
+                e.count
+            );
+            assert!(
+                sum(&side, "bytes_written") <= written,
+                "bytes_written, {what}"
+            );
+            assert!(sum(&side, "bytes_read") <= read, "bytes_read, {what}");
+        }
         for row in &side {
             assert_eq!(row.str("method"), Some(e.method), "{what}");
             assert_eq!(row.int("status_code"), Some(e.status), "{what}");
@@ -579,6 +596,27 @@ fn kernel_counts(daemon: &Daemon) -> (u64, u64) {
 /// Whether the daemon reported program runs the kernel skipped (missed calls, or skips of a
 /// hook's twins: on 7.2 both twins of a hook can be skipped for different calls of one
 /// exchange).
+/// The daemon's running total of calls the kernel may have lost ("totals N covered, at most M
+/// lost": both twins of a program skipped for one call), 0 when it reported none.
+fn calls_lost_at_most(daemon: &Daemon) -> u64 {
+    daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("httpflow: ") && l.contains("totals "))
+        .filter_map(|l| {
+            let totals = l.split("totals ").nth(1)?;
+            totals
+                .split("at most ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn calls_possibly_lost(daemon: &Daemon) -> bool {
     daemon.log_text().lines().any(|l| {
         l.contains("httpflow: ")
