@@ -203,7 +203,7 @@ crate::assert_size!(IterOffsets, 32);
 /// A connection's two ends, as the kernel's socket has them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Endpoints {
+pub struct SocketEnds {
     /// Local and remote address (IPv4 stored IPv4-mapped).
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -216,7 +216,7 @@ pub struct Endpoints {
     pub _pad: u16,
 }
 
-crate::assert_size!(Endpoints, 44);
+crate::assert_size!(SocketEnds, 44);
 
 /// Where the scan of one message head is, across the calls that carry it.
 #[repr(C)]
@@ -274,7 +274,7 @@ pub struct HttpConn {
     pub comm: [u8; 16],
     pub path: [u8; PATH_CAPTURE],
     /// Read from the socket once, when the connection is found to carry HTTP.
-    pub endpoints: Endpoints,
+    pub ends: SocketEnds,
     pub _pad2: u32,
 }
 
@@ -298,7 +298,7 @@ pub struct HttpExchange {
     pub flags: u8,
     pub minor: u8,
     pub _pad: u8,
-    pub endpoints: Endpoints,
+    pub ends: SocketEnds,
     pub comm: [u8; 16],
     pub path: [u8; PATH_CAPTURE],
 }
@@ -324,7 +324,7 @@ pub struct HttpEvent {
     pub flags: u32,
     /// Bytes of `data` that are valid (at most [`CAPTURE`], at most `total`).
     pub captured: u32,
-    pub endpoints: Endpoints,
+    pub ends: SocketEnds,
     pub _pad: u32,
     /// `comm` of the calling thread.
     pub comm: [u8; 16],

@@ -49,15 +49,15 @@ mod probe {
     };
     use ebpf_common::httpflow::{
         BODY_UNKNOWN, CAPTURE, DIR_READ, DIR_WRITE, EX_INTERIM, EX_OUTGOING, EX_TLS, EX_TRUNCATED,
-        Endpoints, FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_EXCHANGES, HTTP_STAT_FALLBACKS,
+        FLAG_TLS, HTTP_STAT_COUNT, HTTP_STAT_EXCHANGES, HTTP_STAT_FALLBACKS,
         HTTP_STAT_ORPHAN_RESPONSES, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
         HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HeadScan, HttpConn,
         HttpEvent, HttpExchange, HttpOffsets, IterOffsets, KIND_CLOSE, KIND_DATA, KIND_SEED,
         MAX_ATTEMPTS, MAX_SOCKS, METHOD_HEAD, METHODS, PATH_CAPTURE, PHASE_IDLE, PHASE_REQUEST,
         PHASE_RESPONSE, REQ_DIR_READ, REQ_DIR_UNKNOWN, REQ_DIR_WRITE, SCAN_CONTENT_LENGTH,
         SCAN_ENDED, SCAN_GAVE_UP, SCAN_IN_LENGTH, SCAN_PAST_COLON, SCAN_TRANSFER_ENCODING,
-        SOCK_FALLBACK, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SOCK_UPGRADED, TARGET_DONE, TARGET_IN,
-        TARGET_METHOD, WAKEUP_BYTES,
+        SOCK_FALLBACK, SOCK_HTTP, SOCK_OTHER, SOCK_UNKNOWN, SOCK_UPGRADED, SocketEnds, TARGET_DONE,
+        TARGET_IN, TARGET_METHOD, WAKEUP_BYTES,
     };
 
     /// Filled in by the daemon from the running kernel's BTF before loading.
@@ -719,7 +719,7 @@ mod probe {
                     }
                     (*c).state = SOCK_HTTP;
                     // Read once: the records of every exchange on it copy them.
-                    if describe(sk, &mut (*c).endpoints).is_err() {
+                    if describe(sk, &mut (*c).ends).is_err() {
                         count(HTTP_STAT_READ_FAILED);
                     }
                 }
@@ -1288,7 +1288,7 @@ mod probe {
             (*ex).flags = c.flags;
             (*ex).minor = c.minor;
             (*ex).comm = c.comm;
-            (*ex).endpoints = c.endpoints;
+            (*ex).ends = c.ends;
             copy_path(&mut (*ex).path, &c.path);
         }
         entry.submit(wake_flags(&HTTPFLOW_EXCHANGES));
@@ -1349,7 +1349,7 @@ mod probe {
                 (*ev).data[i] = c.path[i];
                 i += 1;
             }
-            (*ev).endpoints = c.endpoints;
+            (*ev).ends = c.ends;
         }
         entry.submit(wake_flags(&HTTPFLOW_EVENTS));
     }
@@ -1403,7 +1403,7 @@ mod probe {
             (*ev).direction = dir;
             (*ev).flags = if tls { FLAG_TLS } else { 0 };
             (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-            if describe(sk, &mut (*ev).endpoints).is_err() {
+            if describe(sk, &mut (*ev).ends).is_err() {
                 count(HTTP_STAT_READ_FAILED);
             }
         }
@@ -1424,7 +1424,7 @@ mod probe {
     }
 
     /// The connection's addresses.
-    fn describe(sk: *const u8, out: &mut Endpoints) -> Result<(), ()> {
+    fn describe(sk: *const u8, out: &mut SocketEnds) -> Result<(), ()> {
         let off = offsets();
         let family: u16 = read(sk, off.skc_family)?;
         out.family = family;

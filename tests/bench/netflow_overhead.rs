@@ -922,32 +922,25 @@ impl EmptyProgram {
 
     fn attach(tracepoint: &str) -> Option<EmptyProgram> {
         use std::os::fd::{FromRawFd, OwnedFd};
-        const BPF_PROG_LOAD: i64 = 5;
         const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
         const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
-        // r0 = 0; exit
-        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
-        let license = c"GPL";
         let name = std::ffi::CString::new(tracepoint).unwrap();
-        let bpf = |cmd: i64, attr: &[u8; 128]| -> Option<OwnedFd> {
-            // SAFETY: bpf(2) with an attribute buffer of the size passed; it only reads it.
-            let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
-            // SAFETY: a new descriptor that we own.
-            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        };
-        // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, ..., prog_name.
-        let mut attr = [0u8; 128];
-        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_RAW_TRACEPOINT.to_ne_bytes());
-        attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
-        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-        attr[48..48 + Self::NAME.len()].copy_from_slice(Self::NAME.as_bytes());
-        let prog = bpf(BPF_PROG_LOAD, &attr)?;
+        let prog = Hooks::empty_program(BPF_PROG_TYPE_RAW_TRACEPOINT);
         // BPF_RAW_TRACEPOINT_OPEN: name, prog_fd.
         let mut attr = [0u8; 128];
         attr[0..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
         attr[8..12].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&prog) as u32).to_ne_bytes());
-        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &attr)?;
+        // SAFETY: bpf(2) with an attribute buffer of the size passed; it only reads it.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_RAW_TRACEPOINT_OPEN,
+                attr.as_ptr(),
+                attr.len(),
+            )
+        };
+        // SAFETY: a new descriptor that we own.
+        let link = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })?;
         Some(EmptyProgram {
             _prog: prog,
             _link: link,

@@ -65,10 +65,10 @@ impl Aggregator {
 
     /// Adds one exchange; `process_name` resolves the pid's name.
     pub fn add(&mut self, e: &Exchange, process_name: &str) {
-        let (src, dst) = (address(&e.meta.saddr), address(&e.meta.daddr));
+        let (src, dst) = (address(&e.meta.ends.saddr), address(&e.meta.ends.daddr));
         let loopback = src.is_loopback() && dst.is_loopback();
-        if e.meta.sport == 0
-            || e.meta.dport == 0
+        if e.meta.ends.sport == 0
+            || e.meta.ends.dport == 0
             || src.is_unspecified()
             || dst.is_unspecified()
             || (loopback && !self.options.include_loopback)
@@ -76,8 +76,8 @@ impl Aggregator {
         {
             tracing::debug!(
                 "httpflow: exchange left out: {src}:{} -> {dst}:{}, pid {} ({process_name}), {} {}",
-                e.meta.sport,
-                e.meta.dport,
+                e.meta.ends.sport,
+                e.meta.ends.dport,
                 e.meta.pid,
                 e.method,
                 e.target
@@ -93,9 +93,9 @@ impl Aggregator {
             }
         };
         let (src_port, dst_port) = if e.outgoing {
-            (fold(e.meta.sport), e.meta.dport.to_string())
+            (fold(e.meta.ends.sport), e.meta.ends.dport.to_string())
         } else {
-            (e.meta.sport.to_string(), fold(e.meta.dport))
+            (e.meta.ends.sport.to_string(), fold(e.meta.ends.dport))
         };
         let key = RowKey {
             ipv4: matches!(src, IpAddr::V4(_)) && matches!(dst, IpAddr::V4(_)),
@@ -106,7 +106,7 @@ impl Aggregator {
             outgoing: e.outgoing,
             pid: e.meta.pid,
             process_name: process_name.to_string(),
-            netns: e.meta.netns,
+            netns: e.meta.ends.netns,
             method: e.method.clone(),
             path: path_of(
                 &e.target,
@@ -187,12 +187,15 @@ mod tests {
         daddr[12..].copy_from_slice(&[10, 0, 0, 2]);
         Exchange {
             meta: ConnMeta {
-                saddr,
-                daddr,
-                sport: 41000,
-                dport: 8080,
-                family: 2,
-                netns: 4026531840,
+                ends: ebpf_common::httpflow::SocketEnds {
+                    saddr,
+                    daddr,
+                    sport: 41000,
+                    dport: 8080,
+                    family: 2,
+                    netns: 4026531840,
+                    _pad: 0,
+                },
                 pid: 42,
                 comm: [0; 16],
             },

@@ -472,12 +472,7 @@ fn exchange_of(ex: &HttpExchange) -> Exchange {
     let path = &ex.path[..(ex.path_len as usize).min(PATH_CAPTURE)];
     Exchange {
         meta: ConnMeta {
-            saddr: ex.endpoints.saddr,
-            daddr: ex.endpoints.daddr,
-            sport: ex.endpoints.sport,
-            dport: ex.endpoints.dport,
-            family: ex.endpoints.family,
-            netns: ex.endpoints.netns,
+            ends: ex.ends,
             pid: ex.pid,
             comm: ex.comm,
         },
@@ -508,12 +503,7 @@ fn drain_events(ring: &mut RingBuf<MapData>, streams: &mut Streams, out: &mut Ve
             continue;
         }
         let meta = ConnMeta {
-            saddr: ev.endpoints.saddr,
-            daddr: ev.endpoints.daddr,
-            sport: ev.endpoints.sport,
-            dport: ev.endpoints.dport,
-            family: ev.endpoints.family,
-            netns: ev.endpoints.netns,
+            ends: ev.ends,
             pid: ev.pid,
             comm: ev.comm,
         };

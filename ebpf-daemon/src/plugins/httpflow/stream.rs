@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use ebpf_common::httpflow::SocketEnds;
+
 use super::parse::{
     self, BodyLen, ChunkStep, Chunked, Parsed, is_request_start, is_response_start,
 };
@@ -19,12 +21,7 @@ const MAX_PENDING: usize = 64;
 /// What the kernel reported about one connection (from its first call).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnMeta {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub family: u16,
-    pub netns: u32,
+    pub ends: SocketEnds,
     pub pid: u32,
     pub comm: [u8; 16],
 }
@@ -602,12 +599,13 @@ mod tests {
 
     fn meta() -> ConnMeta {
         ConnMeta {
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport: 40000,
-            dport: 80,
-            family: 2,
-            netns: 1,
+            ends: SocketEnds {
+                sport: 40000,
+                dport: 80,
+                family: 2,
+                netns: 1,
+                ..Default::default()
+            },
             pid: 7,
             comm: [0; 16],
         }
