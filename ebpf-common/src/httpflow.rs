@@ -25,6 +25,9 @@ pub const OFFSETS_GLOBAL: &str = "HTTP_OFFSETS";
 pub const ITER_OFFSETS_GLOBAL: &str = "HTTP_ITER_OFFSETS";
 /// Name of the read-only u32 global: the daemon's own tgid (its I/O is never captured).
 pub const OWN_PID_GLOBAL: &str = "HTTP_OWN_PID";
+/// Name of the probes' global set to 1 when httpflow-tls is on (the syscall programs then
+/// look for an OpenSSL call in progress; otherwise they skip that lookup).
+pub const TLS_GLOBAL: &str = "HTTP_TLS";
 
 /// Bytes of a fallback connection's call copied to userspace; also the most bytes of a message
 /// head the kernel reads (across calls) before it counts the head as `truncated`.

@@ -102,6 +102,16 @@ mod probe {
     #[unsafe(no_mangle)]
     static HTTP_OWN_PID: u32 = 0;
 
+    /// 1 when httpflow-tls is on: only then can a thread be inside SSL_read/SSL_write.
+    #[unsafe(no_mangle)]
+    static HTTP_TLS: u32 = 0;
+
+    fn tls_on() -> bool {
+        // SAFETY: our own read-only global; volatile so the loader's value is used.
+        let on = unsafe { core::ptr::read_volatile::<u32>(&HTTP_TLS) };
+        on != 0
+    }
+
     /// 2 MiB: about 5,700 exchanges between two drains by the daemon (it drains at least
     /// every 100 ms, and is woken past WAKEUP_BYTES).
     #[map]
@@ -259,7 +269,7 @@ mod probe {
     fn remember(sk: u64, ptr: u64, len: u64, how: u32, direction: u32) -> u32 {
         let thread = bpf_get_current_pid_tgid();
         // Inside SSL_read/SSL_write: ciphertext, but it names the socket of the plain text.
-        if let Some(ssl) = SSL_CALLS.get_ptr_mut(&thread) {
+        if let Some(ssl) = tls_on().then(|| SSL_CALLS.get_ptr_mut(&thread)).flatten() {
             // SAFETY: this thread's own entry.
             unsafe { (*ssl).sock = sk };
             return 0;
@@ -524,7 +534,7 @@ mod probe {
             }
         };
         // Inside SSL_write (kTLS sendfile): not plain text of ours.
-        if SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
+        if tls_on() && SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
             return 0;
         }
         on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false, 0);

@@ -17,6 +17,12 @@
 //!   pairs, last in odd ones, so warm-up and drift favour neither side) and one per
 //!   configuration, each with a daemon started for it and fully attached before the load
 //!   starts. 5 s runs, 5 pairs: the median of the pair ratios on/off and their range.
+//! - The hooks' floor, in the same pairs: each load with only an empty program where httpflow
+//!   attaches (its 18 syscall tracepoints for HTTP and the ping-pong; uprobe and uretprobe on
+//!   libssl's SSL_read/SSL_write and their `_ex` variants for HTTPS): what the kernel charges for
+//!   the hooks themselves, before any work of ours.
+//! - CPU added per request, µs, both ends: cores × (1/on − 1/off) (both cores are busy in these
+//!   loads), for every configuration and for the floors.
 //! - The daemon in each run: CPU (utime + stime of /proc/<pid>/stat across the load) as a share
 //!   of one core and in ms per 10,000 requests (50 ms per 10k requests is 5 % of one core at
 //!   10k req/s), peak RSS (VmHWM at the load's end, the highest of the runs: mostly the start-up

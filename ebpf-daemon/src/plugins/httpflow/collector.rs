@@ -16,7 +16,7 @@ use ebpf_common::httpflow::{
     HTTP_STAT_FALLBACKS, HTTP_STAT_ORPHAN_RESPONSES, HTTP_STAT_READ_FAILED, HTTP_STAT_RINGBUF_FULL,
     HTTP_STAT_TLS_MISMATCH, HTTP_STAT_TLS_NO_SOCKET, HTTP_STAT_UNANSWERED, HttpEvent, HttpExchange,
     ITER_OFFSETS_GLOBAL, IterOffsets, KIND_CLOSE, KIND_SEED, METHODS, OFFSETS_GLOBAL,
-    OWN_PID_GLOBAL, PATH_CAPTURE, STATS_MAP,
+    OWN_PID_GLOBAL, PATH_CAPTURE, STATS_MAP, TLS_GLOBAL,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -203,13 +203,15 @@ impl HttpflowCollector {
         };
         debug!("httpflow: iov_iter offsets {iter_offsets:?}");
         let own_pid = std::process::id();
+        let tls_on = u32::from(tls);
         // No kernel BTF for the loader: the programs have no CO-RE relocations; the fentry tier
-        // parses it for its attach points only.
+        // attaches by the ids our BTF reader found.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .override_global(ITER_OFFSETS_GLOBAL, &iter_offsets, true)
             .override_global(OWN_PID_GLOBAL, &own_pid, true)
+            .override_global(TLS_GLOBAL, &tls_on, true)
             .load(OBJECT)
             .context("loading the httpflow object")?;
         let misses: &'static [&'static [&'static str]] = match tier.tier {
