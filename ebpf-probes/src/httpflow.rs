@@ -250,6 +250,16 @@ mod probe {
         if fd < 3 {
             return 0;
         }
+        // A later syscall of an SSL_read/SSL_write whose socket is already known: ciphertext,
+        // nothing more to learn from it.
+        if tls_on()
+            && SSL_CALLS
+                .get_ptr(&bpf_get_current_pid_tgid())
+                // SAFETY: a read of this thread's entry.
+                .is_some_and(|ssl| unsafe { (*ssl).sock } != 0)
+        {
+            return 0;
+        }
         // The socket is resolved here, so that calls on anything else (files, pipes, other
         // sockets) and on sockets known not to carry HTTP cost no map update.
         let sk = match tcp_sock(fd) {
