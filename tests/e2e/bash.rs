@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use common::{Daemon, InteractiveBash, privileged, scratch, serial, wait_until};
 use fake_datakit::{FakeDataKit, FieldValue, Point};
@@ -37,7 +37,9 @@ fn start_daemon(dir: &std::path::Path, apiserver: &str, extra: &[&str]) -> Daemo
     let mut args = daemon_args(apiserver);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::start(dir, &args);
+    // A zone east of UTC (a POSIX TZ string: no tzdata needed): `message` carries local time
+    // with its offset, as the reference writes it.
+    let mut daemon = Daemon::start_with(dir, &args, &[("TZ", "CST-8")], Stdio::null());
     daemon.wait_log("ebpf-bash: attached uretprobe", Duration::from_secs(30));
     daemon
 }
@@ -127,10 +129,17 @@ fn typed_lines_arrive_exactly() {
         assert!(message.ends_with(&suffix), "message {message:.120}");
         let stamp = &message[..message.len() - suffix.len()];
         assert!(
-            stamp.len() == 20 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            stamp.len() == 25 && stamp.ends_with("+08:00") && stamp.as_bytes()[10] == b'T',
             "{stamp}"
         );
         let ts = point.timestamp.expect("timestamp");
+        // The point's own time, 8 hours east, to the second.
+        let east =
+            std::time::UNIX_EPOCH + Duration::from_secs((ts / 1_000_000_000) as u64 + 8 * 3600);
+        let expected = humantime::format_rfc3339_seconds(east)
+            .to_string()
+            .replace('Z', "+08:00");
+        assert_eq!(stamp, expected);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

@@ -325,6 +325,9 @@ fn wait_rows(datakit: &FakeDataKit, daemon: &Daemon, pair: &NetPair, e: &Expect)
                 "bytes_written, {what}"
             );
             assert_eq!(sum(&side, "bytes_read"), read, "bytes_read, {what}");
+            // The same bytes by role, whichever end reports them.
+            assert_eq!(sum(&side, "client_sent"), e.written, "client_sent, {what}");
+            assert_eq!(sum(&side, "server_sent"), e.read, "server_sent, {what}");
         } else {
             let count = sum(&side, "count");
             assert!(

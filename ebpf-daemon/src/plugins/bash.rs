@@ -10,7 +10,7 @@ use std::{
     collections::HashSet,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
@@ -250,15 +250,23 @@ fn decode(bytes: &[u8]) -> Option<LineEvent> {
 fn bash_point(event: &LineEvent, users: &mut UserNames, tags: &GlobalTags) -> Point {
     let user = users.name(event.uid);
     let timestamp_ns = clock::boot_to_unix_ns(event.boot_ns);
-    build_point(event, &user, timestamp_ns, tags)
+    let offset = local_offset(timestamp_ns.div_euclid(1_000_000_000));
+    build_point(event, &user, timestamp_ns, offset, tags)
 }
 
-fn build_point(event: &LineEvent, user: &str, timestamp_ns: i64, tags: &GlobalTags) -> Point {
+/// `offset`: the local zone's, seconds east of UTC, for the message's time.
+fn build_point(
+    event: &LineEvent,
+    user: &str,
+    timestamp_ns: i64,
+    offset: i64,
+    tags: &GlobalTags,
+) -> Point {
     let cmd = String::from_utf8_lossy(&event.line).into_owned();
-    let when = UNIX_EPOCH + Duration::from_nanos(timestamp_ns.max(0) as u64);
+    let secs = timestamp_ns.div_euclid(1_000_000_000);
     let message = format!(
         "{} pid:`{}` user:`{user}` cmd:`{cmd}`",
-        rfc3339(when),
+        rfc3339(secs, offset),
         event.pid
     );
     let mut point = Point::new("bash", timestamp_ns)
@@ -271,13 +279,47 @@ fn build_point(event: &LineEvent, user: &str, timestamp_ns: i64, tags: &GlobalTa
     point
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// `unix_secs` as Go's `time.RFC3339` writes it in a zone `offset` seconds east of UTC (the
+/// reference formats `time.Now()`, local time): `2026-11-25T14:30:05+08:00`, `Z` for UTC.
+fn rfc3339(unix_secs: i64, offset: i64) -> String {
+    let local = unix_secs + offset;
+    let when = UNIX_EPOCH + Duration::from_secs(local.max(0) as u64);
+    // humantime writes UTC as `…Z`; the digits are the local time's once shifted.
+    let stamp = humantime::format_rfc3339_seconds(when).to_string();
+    let digits = stamp.trim_end_matches('Z');
+    if offset == 0 {
+        return format!("{digits}Z");
+    }
+    let sign = if offset < 0 { '-' } else { '+' };
+    let minutes = offset.abs() / 60;
+    format!("{digits}{sign}{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
+/// The local zone's offset from UTC at `unix_secs`, in seconds (TZ, else /etc/localtime; 0
+/// when neither says).
+fn local_offset(unix_secs: i64) -> i64 {
+    let t = unix_secs as libc::time_t;
+    // SAFETY: a zeroed `struct tm` is valid; localtime_r only writes it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_time_is_local_with_its_offset_as_go_writes_it() {
+        let t = 1_795_588_205; // 2026-11-25T06:30:05Z
+        assert_eq!(rfc3339(t, 0), "2026-11-25T06:30:05Z");
+        assert_eq!(rfc3339(t, 8 * 3600), "2026-11-25T14:30:05+08:00");
+        assert_eq!(rfc3339(t, -(3 * 3600 + 1800)), "2026-11-25T03:00:05-03:30");
+        assert_eq!(rfc3339(t, 20 * 3600), "2026-11-26T02:30:05+20:00");
+    }
 
     #[test]
     fn point_matches_the_contract() {
@@ -289,8 +331,8 @@ mod tests {
             line: b"ls -la \xff".to_vec(),
         };
         let tags = GlobalTags::from_pairs(&[("host", "h1"), ("service", "ebpf"), ("env", "prod")]);
-        // 2026-11-25T06:30:05Z
-        let point = build_point(&event, "root", 1_795_588_205_000_000_000, &tags);
+        // 2026-11-25T06:30:05Z, in a UTC local zone.
+        let point = build_point(&event, "root", 1_795_588_205_000_000_000, 0, &tags);
         let mut line = String::new();
         point.encode(&mut line).unwrap();
         assert_eq!(

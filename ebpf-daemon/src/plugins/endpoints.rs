@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::lineproto::Point;
+use crate::lineproto::{Field, Point};
 
 /// One flow's ends. Ports are tag values: a number, or `*` once folded.
 pub struct Endpoints<'a> {
@@ -56,6 +56,22 @@ impl Endpoints<'_> {
                 },
             )
             .tag("conn_side", if self.outgoing { "client" } else { "server" })
+    }
+
+    /// Adds `bytes_read`/`bytes_written` (this host's end) and the same bytes by role,
+    /// `client_sent`/`server_sent`.
+    pub fn byte_fields(&self, point: Point, read: u64, written: u64) -> Point {
+        let (client_sent, server_sent) = if self.outgoing {
+            (written, read)
+        } else {
+            (read, written)
+        };
+        let int = |v: u64| Field::Int(i64::try_from(v).unwrap_or(i64::MAX));
+        point
+            .field("bytes_read", int(read))
+            .field("bytes_written", int(written))
+            .field("client_sent", int(client_sent))
+            .field("server_sent", int(server_sent))
     }
 }
 

@@ -141,7 +141,7 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
         dst_port: &key.dst_port,
         outgoing: key.outgoing,
     };
-    let mut point = ends
+    let point = ends
         .tag(Point::new("httpflow", timestamp_ns))
         .tag("family", if key.ipv4 { "IPv4" } else { "IPv6" })
         .tag("transport", "tcp")
@@ -153,9 +153,9 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
         .field("http_version", Field::Str(key.version.to_string()))
         .field("status_code", Field::Int(i64::from(key.status)))
         .field("latency", int(v.latency_sum / v.count.max(1)))
-        .field("count", int(v.count))
-        .field("bytes_read", int(v.bytes_read))
-        .field("bytes_written", int(v.bytes_written))
+        .field("count", int(v.count));
+    let mut point = ends
+        .byte_fields(point, v.bytes_read, v.bytes_written)
         .field("truncated", Field::Bool(v.truncated));
     if key.pid != 0 {
         point.tags.push(("pid".into(), key.pid.to_string()));
@@ -240,7 +240,7 @@ mod tests {
              process_name=curl,server_ip=10.0.0.2,server_ip_type=private,server_port=8080,\
              src_ip=10.0.0.1,src_ip_type=private,src_port=*,transport=tcp \
              method=\"GET\",path=\"/a\",http_version=\"1.1\",status_code=200i,latency=200i,\
-             count=2i,bytes_read=200i,bytes_written=20i,truncated=false 1"
+             count=2i,bytes_read=200i,bytes_written=20i,client_sent=20i,server_sent=200i,truncated=false 1"
         );
         assert_eq!(agg.filtered, 1);
         assert!(agg.take(&tags, 2).is_empty());

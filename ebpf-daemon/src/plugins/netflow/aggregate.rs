@@ -380,11 +380,6 @@ pub(crate) fn address(bytes: &[u8; 16]) -> IpAddr {
 }
 
 fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) -> Point {
-    let (client_sent, server_sent) = if key.outgoing {
-        (v.bytes_written, v.bytes_read)
-    } else {
-        (v.bytes_read, v.bytes_written)
-    };
     let ends = Endpoints {
         src_ip: key.src_ip,
         src_port: &key.src_port,
@@ -392,15 +387,12 @@ fn row_point(key: &RowKey, v: &RowValues, tags: &GlobalTags, timestamp_ns: i64) 
         dst_port: &key.dst_port,
         outgoing: key.outgoing,
     };
-    let mut point = ends
+    let point = ends
         .tag(Point::new("netflow", timestamp_ns))
         .tag("family", if key.ipv4 { "IPv4" } else { "IPv6" })
         .tag("transport", key.transport)
-        .tag("netns", key.netns.to_string())
-        .field("bytes_read", int(v.bytes_read))
-        .field("bytes_written", int(v.bytes_written))
-        .field("client_sent", int(client_sent))
-        .field("server_sent", int(server_sent));
+        .tag("netns", key.netns.to_string());
+    let mut point = ends.byte_fields(point, v.bytes_read, v.bytes_written);
     // Unknown pid or name: left out rather than sent empty.
     if key.pid != 0 {
         point.tags.push(("pid".into(), key.pid.to_string()));
