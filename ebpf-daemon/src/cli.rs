@@ -48,7 +48,7 @@ pub struct CliArgs {
     /// Value of the `service` tag [default: ebpf]
     #[arg(long)]
     pub service: Option<String>,
-    /// Extra tags `k=v`, separated by `;` or `,` (repeatable)
+    /// Extra tags `k=v`, separated by `;` (or `,` when every piece is `k=v`); repeatable; a malformed tag is skipped with a warning
     #[arg(long, value_name = "K=V;...")]
     pub tags: Vec<String>,
     /// Flush interval, Go syntax (`60s`, `1m30s`) [default: 60s]

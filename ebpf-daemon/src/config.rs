@@ -747,25 +747,48 @@ fn resolve_l7(
     }
 }
 
-/// `k=v` items separated by `;` (how DataKit joins them) or `,` (the reference's split); the value
-/// may contain `=`; blank items are ignored; later duplicates replace earlier ones.
-pub fn parse_tags<S: AsRef<str>>(items: &[S]) -> Result<Vec<(String, String)>, String> {
+/// `k=v` items separated by `;` (how DataKit joins its `[inputs.ebpf.tags]` table), or by `,`
+/// in an item without `;` when every piece is `k=v` (else the item is one tag whose value has a
+/// comma: DataKit passes `note=a,b` as it is). The value may contain `=`; blank items are
+/// ignored; later duplicates replace earlier ones. An item that is not `k=v` is skipped with a
+/// warning naming `origin`, never fatal: DataKit does not restart an external that exited on a
+/// flag.
+pub fn parse_tags<S: AsRef<str>>(
+    items: &[S],
+    warnings: &mut Vec<String>,
+    origin: &str,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for item in items.iter().flat_map(|i| i.as_ref().split([';', ','])) {
-        let item = item.trim();
-        if item.is_empty() {
-            continue;
+    for item in items {
+        let item = item.as_ref();
+        let pieces: Vec<&str> = if item.contains(';') {
+            item.split(';').collect()
+        } else {
+            let commas: Vec<&str> = item.split(',').collect();
+            let all_tags = commas
+                .iter()
+                .all(|p| p.trim().is_empty() || p.contains('='));
+            if all_tags { commas } else { vec![item] }
+        };
+        for piece in pieces {
+            let piece = piece.trim();
+            if piece.is_empty() {
+                continue;
+            }
+            match piece.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    merge_tags(&mut out, vec![(k.trim().to_string(), v.trim().to_string())]);
+                }
+                Some(_) => {
+                    warnings.push(format!("{origin}: tag `{piece}` has an empty key; skipped"))
+                }
+                None => warnings.push(format!(
+                    "{origin}: tag `{piece}` is not `key=value`; skipped"
+                )),
+            }
         }
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("tag `{item}` is not `key=value`"))?;
-        let k = k.trim();
-        if k.is_empty() {
-            return Err(format!("tag `{item}` has an empty key"));
-        }
-        merge_tags(&mut out, vec![(k.to_string(), v.trim().to_string())]);
     }
-    Ok(out)
+    out
 }
 
 /// How netflow attaches to the kernel (`--netflow-tier`, `DKE_NETFLOW_TIER`).
@@ -1034,7 +1057,7 @@ fn layer_from_cli(
     // DataKit passes `--hostname ""` when it has no host name: fall through to the next source.
     l.hostname = a.hostname.as_deref().and_then(non_empty);
     l.service = a.service.as_deref().and_then(non_empty);
-    l.tags = parse_tags(&a.tags).map_err(at("--tags"))?;
+    l.tags = parse_tags(&a.tags, warnings, &format!("{origin}: `--tags`"));
     if let Some(s) = &a.interval {
         l.interval = Some(parse_duration(s).map_err(at("--interval"))?);
     }
@@ -1181,7 +1204,7 @@ fn layer_from_env(
     }
     l.hostname = set("DKE_HOSTNAME");
     if let Some(v) = get("DKE_TAGS") {
-        l.tags = parse_tags(&[v]).map_err(at("DKE_TAGS"))?;
+        l.tags = parse_tags(&[v], warnings, &format!("{origin}: DKE_TAGS"));
     }
     if let Some(v) = get("DKE_LOG") {
         l.log = Some(log_path(v));
@@ -2115,10 +2138,23 @@ mod tests {
         }
         let c = cfg(&["x", "run", "--tags", "a=x=y", "--tags", "b=2,a=3"]);
         assert_eq!(c.tags, [("a".into(), "3".into()), ("b".into(), "2".into())]);
-        let err = cfg_env(&["x", "run", "--tags", "a=1;oops"], &[]).unwrap_err();
+        // DataKit joins its tags table with `;`: a comma belongs to a value.
+        let c = cfg(&["x", "run", "--tags", "note=a,b;team=ops"]);
         assert_eq!(
-            err.to_string(),
-            "command line: `--tags`: tag `oops` is not `key=value`"
+            c.tags,
+            [("note".into(), "a,b".into()), ("team".into(), "ops".into())]
+        );
+        let c = cfg(&["x", "run", "--tags", "note=a,b"]);
+        assert_eq!(c.tags, [("note".into(), "a,b".into())]);
+        // A malformed tag is skipped with a warning; the rest stand.
+        let c = cfg(&["x", "run", "--tags", "a=1;oops;=v"]);
+        assert_eq!(c.tags, [("a".into(), "1".into())]);
+        assert_eq!(
+            c.warnings,
+            [
+                "command line: `--tags`: tag `oops` is not `key=value`; skipped",
+                "command line: `--tags`: tag `=v` has an empty key; skipped"
+            ]
         );
     }
 
