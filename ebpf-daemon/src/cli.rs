@@ -122,6 +122,9 @@ pub struct CliArgs {
     /// Do not count unconnected UDP sockets (sendto/recvfrom): no cgroup programs, no syscall tracepoints
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_udp_unconnected_disabled: Option<bool>,
+    /// Leave netflow's UDP rows out: TCP only, as the reference sends (and no unconnected-UDP programs)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
+    pub netflow_udp_disabled: Option<bool>,
     /// Report loopback connections in netflow (left out by default, as the reference does)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub netflow_include_loopback: Option<bool>,

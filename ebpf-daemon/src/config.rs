@@ -197,6 +197,8 @@ pub struct Config {
     pub netflow_max_conns: u32,
     /// Report loopback connections in netflow.
     pub netflow_include_loopback: bool,
+    /// netflow sends TCP rows only (the reference's schema); unconnected UDP is not tracked.
+    pub netflow_udp_disabled: bool,
     /// ebpf-net runs without dnsflow (`--dnsflow-disabled`).
     pub dnsflow_disabled: bool,
     /// httpflow: replace numeric and UUID-like path segments with `:id`.
@@ -366,6 +368,7 @@ struct Layer {
     netflow_closed_events: Option<ClosedEvents>,
     netflow_max_conns: Option<usize>,
     netflow_include_loopback: Option<bool>,
+    netflow_udp_disabled: Option<bool>,
     dnsflow_disabled: Option<bool>,
     netflow_udp_unconnected: Option<bool>,
     netflow_udp_unconnected_disabled: Option<bool>,
@@ -416,6 +419,7 @@ impl Layer {
             netflow_include_loopback: higher
                 .netflow_include_loopback
                 .or(self.netflow_include_loopback),
+            netflow_udp_disabled: higher.netflow_udp_disabled.or(self.netflow_udp_disabled),
             dnsflow_disabled: higher.dnsflow_disabled.or(self.dnsflow_disabled),
             httpflow_path_normalize: higher
                 .httpflow_path_normalize
@@ -568,6 +572,7 @@ fn resolve(m: Layer, system: &System, mut warnings: Vec<String>) -> Config {
             .netflow_max_conns
             .map_or(ebpf_common::netflow::DEFAULT_MAX_CONNS, |n| n as u32),
         netflow_include_loopback: m.netflow_include_loopback.unwrap_or(false),
+        netflow_udp_disabled: m.netflow_udp_disabled.unwrap_or(false),
         dnsflow_disabled: m.dnsflow_disabled.unwrap_or(false),
         httpflow_path_normalize: m.httpflow_path_normalize.unwrap_or(false),
         httpflow_tier: m.httpflow_tier.unwrap_or(HttpflowTier::Auto),
@@ -1116,6 +1121,7 @@ fn layer_from_cli(
         );
     }
     l.netflow_include_loopback = a.netflow_include_loopback;
+    l.netflow_udp_disabled = a.netflow_udp_disabled;
     l.dnsflow_disabled = a.dnsflow_disabled;
     l.httpflow_path_normalize = a.httpflow_path_normalize;
     if let Some(s) = &a.httpflow_tier {
@@ -1342,6 +1348,7 @@ const FILE_KEYS: &[&str] = &[
     "netflow_closed_events",
     "netflow_max_conns",
     "netflow_include_loopback",
+    "netflow_udp_disabled",
     "dnsflow_disabled",
     "netflow_udp_unconnected",
     "netflow_udp_unconnected_disabled",
@@ -1731,6 +1738,7 @@ fn parse_ebpf_table(
                     Some(check_range(cx.integer(key, v)?, 16, MAX_NETFLOW_CONNS).map_err(at)?)
             }
             "netflow_include_loopback" => l.netflow_include_loopback = Some(cx.boolean(key, v)?),
+            "netflow_udp_disabled" => l.netflow_udp_disabled = Some(cx.boolean(key, v)?),
             "dnsflow_disabled" => l.dnsflow_disabled = Some(cx.boolean(key, v)?),
             "httpflow_path_normalize" => l.httpflow_path_normalize = Some(cx.boolean(key, v)?),
             "httpflow_tier" => {
@@ -1813,6 +1821,29 @@ mod tests {
         )
         .unwrap();
         assert!(c.dnsflow_disabled);
+    }
+
+    #[test]
+    fn udp_rows_can_be_left_out() {
+        assert!(!cfg(&["x", "run"]).netflow_udp_disabled);
+        assert!(cfg(&["x", "run", "--netflow-udp-disabled"]).netflow_udp_disabled);
+        let c = file_cfg(
+            "tcp-only.conf",
+            "[[inputs.ebpf]]\nnetflow_udp_disabled = true\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert!(c.netflow_udp_disabled);
+        // The command line is above the file.
+        let c = file_cfg(
+            "tcp-only.conf",
+            "[[inputs.ebpf]]\nnetflow_udp_disabled = true\n",
+            &["--netflow-udp-disabled=false"],
+            &[],
+        )
+        .unwrap();
+        assert!(!c.netflow_udp_disabled);
     }
 
     #[test]

@@ -975,6 +975,56 @@ fn udp_unconnected_disabled_is_not_counted() {
     assert!(daemon.terminate().success());
 }
 
+#[test]
+fn udp_disabled_sends_tcp_rows_only() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch("nf-tcp-only");
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, &["--netflow-udp-disabled"]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("netflow: unconnected UDP not counted (--netflow-udp-disabled)"),
+        "{}",
+        daemon.log_text()
+    );
+    let pair = NetPair::create("tcp-only");
+    let (client_ip, server_ip): (IpAddr, IpAddr) = (pair.a_v4.into(), pair.b_v4.into());
+    let (client_ns, server_ns) = (pair.a.inode(), pair.b.inode());
+    netns::udp_exchange(&pair, server_ip, 0, &[100, 1000], &[10, 20]);
+    netns::udp_connected_exchange(&pair, server_ip, &[300, 400], &[30, 40]);
+    let (request, response) = (123_456usize, 654_321usize);
+    netns::tcp_exchange(&pair, server_ip, 0, request, response);
+    let client = |p: &Point| is_row(p, client_ip, server_ip, "outgoing", client_ns);
+    let server = |p: &Point| is_row(p, server_ip, client_ip, "incoming", server_ns);
+    wait_total(&datakit, &daemon, "bytes_written", request as i64, client);
+    wait_total(&datakit, &daemon, "bytes_written", response as i64, server);
+    // One more interval: the UDP sockets' rows would be in it at the latest.
+    std::thread::sleep(Duration::from_secs(3));
+    let points = datakit.points();
+    let rows = netflow(&points);
+    let ours = |p: &Point| client(p) || server(p);
+    let udp: Vec<_> = rows
+        .iter()
+        .filter(|p| p.tag("transport") == Some("udp"))
+        .collect();
+    assert!(udp.is_empty(), "UDP rows: {udp:#?}");
+    // TCP exact, from both ends.
+    assert_eq!(sum(&rows, "bytes_written", client), request as i64);
+    assert_eq!(sum(&rows, "bytes_read", client), response as i64);
+    assert_eq!(sum(&rows, "bytes_read", server), request as i64);
+    assert_eq!(sum(&rows, "bytes_written", server), response as i64);
+    assert!(
+        rows.iter()
+            .filter(|p| ours(p))
+            .all(|p| p.tag("transport") == Some("tcp"))
+    );
+    assert!(daemon.terminate().success());
+}
+
 /// Flows of the lifecycle stress suite: `DKE_TEST_STRESS_FLOWS`, else 10,000 (the kernel
 /// matrix runs a smaller slice).
 fn stress_flows() -> usize {

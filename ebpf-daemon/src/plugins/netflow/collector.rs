@@ -440,7 +440,7 @@ impl NetflowCollector {
             ephemeral_port_min: config.ephemeral_port.unwrap_or(0),
             include_loopback: config.netflow_include_loopback,
             ipv6_disabled: config.ipv6_disabled,
-            include_udp: true,
+            include_udp: !config.netflow_udp_disabled,
         };
         Ok(Self {
             ebpf,
@@ -587,6 +587,10 @@ fn load_udp_peers(
     config: &Config,
     load_object: impl Fn(u32) -> anyhow::Result<Ebpf>,
 ) -> anyhow::Result<(Ebpf, String)> {
+    if config.netflow_udp_disabled {
+        let ebpf = load_object(UDP_PEERS_OFF)?;
+        return Ok((ebpf, "not counted (--netflow-udp-disabled)".into()));
+    }
     if config.netflow_udp_unconnected_disabled {
         let ebpf = load_object(UDP_PEERS_OFF)?;
         return Ok((
@@ -683,6 +687,9 @@ fn attach_syscall_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 
 /// How unconnected UDP would be counted here, for `check` (nothing is mounted or loaded).
 pub fn udp_peers_plan(config: &Config) -> String {
+    if config.netflow_udp_disabled {
+        return "not counted (--netflow-udp-disabled: TCP rows only)".into();
+    }
     if config.netflow_udp_unconnected_disabled {
         return "not counted (--netflow-udp-unconnected-disabled)".into();
     }
