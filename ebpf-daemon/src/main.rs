@@ -205,8 +205,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     // Parsing the kernel's BTF (ours and aya's) takes tens of MB that are freed once the
     // programs are loaded; give them back to the system instead of keeping them as RSS.
     drop(kernel);
-    // SAFETY: glibc's malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
+    lifecycle::return_free_memory();
     if !failures.is_empty() {
         // Keep running what works, and tell DataKit about the rest.
         let _ =
