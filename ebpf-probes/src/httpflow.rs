@@ -124,12 +124,19 @@ mod probe {
     #[map]
     static HTTPFLOW_CONNS: LruHashMap<u64, HttpConn> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
-    /// Per CPU: the head scan at work (too big for the 512-byte BPF stack). Two slots: the
-    /// fentry tier's twins (see `fentry_programs!`) may run on one CPU while the other is
-    /// preempted mid-scan, so each has its own; every other program uses slot 0 (tracepoint
-    /// and uprobe programs do not nest on a CPU).
+    /// Per CPU: the head scan at work (too big for the 512-byte BPF stack), one slot per
+    /// program that scans. On kernels with full or lazy preemption (7.x) a program can be
+    /// preempted mid-scan and another run on that CPU: the kernel never nests a program with
+    /// itself (it skips the run), but any other program may, so none shares a slot.
     #[map]
-    static SCAN_WORK: PerCpuArray<ScanWork> = PerCpuArray::with_max_entries(2, 0);
+    static SCAN_WORK: PerCpuArray<ScanWork> = PerCpuArray::with_max_entries(SCAN_SLOTS, 0);
+    /// The fexit programs of one twin set: send, send6, recv, recv6 from here.
+    const SLOT_FEXIT_A: u32 = 0;
+    const SLOT_FEXIT_B: u32 = 4;
+    const SLOT_SYSCALL_EXIT: u32 = 8;
+    const SLOT_SSL_READ_RET: u32 = 9;
+    const SLOT_SSL_WRITE_RET: u32 = 10;
+    const SCAN_SLOTS: u32 = 11;
     /// A blank connection to insert from.
     #[map]
     static BLANK: PerCpuArray<HttpConn> = PerCpuArray::with_max_entries(1, 0);
@@ -347,7 +354,7 @@ mod probe {
         let _ = CALLS.remove(&thread);
         // SAFETY: `ret` of a syscall exit tracepoint is at offset 16.
         let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-        finish(&call, ret, 0)
+        finish(&call, ret, SLOT_SYSCALL_EXIT)
     }
 
     /// The remembered call returned `ret`; `slot`: the caller's [`SCAN_WORK`] slot.
@@ -484,17 +491,17 @@ mod probe {
 
             #[fexit(function = "inet6_sendmsg")]
             pub fn $send6_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 3, $slot)
+                msg_exit(&ctx, 3, $slot + 1)
             }
 
             #[fexit(function = "inet_recvmsg")]
             pub fn $recv_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 4, $slot)
+                msg_exit(&ctx, 4, $slot + 2)
             }
 
             #[fexit(function = "inet6_recvmsg")]
             pub fn $recv6_ret(ctx: FExitContext) -> u32 {
-                msg_exit(&ctx, 4, $slot)
+                msg_exit(&ctx, 4, $slot + 3)
             }
         };
     }
@@ -508,7 +515,7 @@ mod probe {
         httpflow_inet6_send_ret,
         httpflow_inet_recv_ret,
         httpflow_inet6_recv_ret,
-        0
+        SLOT_FEXIT_A
     );
     fentry_programs!(
         httpflow_inet_send_b,
@@ -519,7 +526,7 @@ mod probe {
         httpflow_inet6_send_ret_b,
         httpflow_inet_recv_ret_b,
         httpflow_inet6_recv_ret_b,
-        1
+        SLOT_FEXIT_B
     );
 
     /// `ssize_t inet_sendpage(struct socket *, struct page *, int offset, size_t, int flags)`
@@ -547,7 +554,10 @@ mod probe {
         if tls_on() && SSL_CALLS.get_ptr(&bpf_get_current_pid_tgid()).is_some() {
             return 0;
         }
-        on_data(sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false, 0);
+        // Nothing to scan (no user bytes): no slot.
+        on_data(
+            sk as u64, sk, 0, 0, ret as u64, DIR_WRITE, false, SCAN_SLOTS,
+        );
         0
     }
 
@@ -1032,7 +1042,7 @@ mod probe {
         let Some(conn) = HTTPFLOW_CONNS.get_ptr_mut(&key) else {
             return 0;
         };
-        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32 & 1) else {
+        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32) else {
             return 0;
         };
         // SAFETY: a live map entry and this CPU's slot.
@@ -1129,7 +1139,7 @@ mod probe {
     #[inline(never)]
     pub extern "C" fn httpflow_scan_chunk(at: u64, n: u64, mode: u64) -> u64 {
         let request = mode & 1 != 0;
-        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32 & 1) else {
+        let Some(work) = SCAN_WORK.get_ptr_mut((mode >> 1) as u32) else {
             return 0;
         };
         // SAFETY: this CPU's slot.
@@ -1551,17 +1561,17 @@ mod probe {
     /// Return of SSL_read or SSL_read_ex.
     #[uretprobe]
     pub fn httpflow_ssl_read_ret(ctx: RetProbeContext) -> u32 {
-        ssl_ret(&ctx, DIR_READ)
+        ssl_ret(&ctx, DIR_READ, SLOT_SSL_READ_RET)
     }
 
     /// Return of SSL_write or SSL_write_ex.
     #[uretprobe]
     pub fn httpflow_ssl_write_ret(ctx: RetProbeContext) -> u32 {
-        ssl_ret(&ctx, DIR_WRITE)
+        ssl_ret(&ctx, DIR_WRITE, SLOT_SSL_WRITE_RET)
     }
 
     #[inline(always)]
-    fn ssl_ret(ctx: &RetProbeContext, direction: u32) -> u32 {
+    fn ssl_ret(ctx: &RetProbeContext, direction: u32, slot: u32) -> u32 {
         let thread = bpf_get_current_pid_tgid();
         // SAFETY: a copy out of the map value.
         let Some(call) = (unsafe { SSL_CALLS.get(&thread) }).copied() else {
@@ -1618,7 +1628,7 @@ mod probe {
             n,
             call.direction,
             true,
-            0,
+            slot,
         );
         0
     }
