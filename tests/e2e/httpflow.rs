@@ -20,6 +20,8 @@ use fake_datakit::{FakeDataKit, FieldValue, Point};
 const HTTP_PORT: u16 = 8080;
 const HTTPS_PORT: u16 = 8443;
 const PY_PORT: u16 = 8000;
+/// Bytes of the large page a client resets in the middle of.
+const BIG_PAGE: usize = 8 << 20;
 /// Bytes of the static page nginx serves.
 const PAGE: usize = 3000;
 
@@ -78,6 +80,7 @@ impl Nginx {
         fs::write(www.join("index.html"), "x".repeat(PAGE)).unwrap();
         fs::write(www.join("keep.html"), "k".repeat(100)).unwrap();
         fs::write(www.join("q.html"), "q".repeat(10)).unwrap();
+        fs::write(www.join("big.html"), "b".repeat(BIG_PAGE)).unwrap();
         let (cert, key) = common::self_signed_certificate(dir, "httpflow-test");
         let ip = pair.b_v4;
         let d = dir.display();
@@ -872,6 +875,151 @@ fn exchange(
     }
     assert!(got.is_empty());
     (sent, read)
+}
+
+/// A thousand short connections, one exchange each, one after the other: on half of them the
+/// server closes first (`Connection: close`), on the others the client does. Socket memory is
+/// reused from one connection to the next (the state of the last must be gone), and every
+/// exchange is counted once, with exact bytes, at both ends, parsed in the kernel.
+#[test]
+fn thousand_short_connections_either_side_closing_first() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let (dir, pair) = setup("hf-short");
+    let _nginx = Nginx::start(&pair, &dir);
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, "httpflow");
+    let server = std::net::SocketAddr::new(pair.b_v4.into(), HTTP_PORT);
+    const CONNECTIONS: usize = 1000;
+    // (written, read) per case: [client closes first, server closes first].
+    let mut totals = [(0i64, 0i64); 2];
+    for i in 0..CONNECTIONS {
+        let server_closes = i % 2 == 1;
+        let request = if server_closes {
+            "GET /keep.html HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+        } else {
+            "GET /q.html HTTP/1.1\r\nHost: s\r\n\r\n"
+        };
+        let mut stream = common::netns::tcp_connect(&pair.a, server);
+        let (w, r) = exchange(&mut stream, &[request.as_bytes()], 1, false);
+        if server_closes {
+            // nginx's FIN before ours.
+            let mut rest = [0u8; 64];
+            assert_eq!(
+                stream.read(&mut rest).unwrap(),
+                0,
+                "nginx kept the connection"
+            );
+        }
+        drop(stream);
+        let t = &mut totals[server_closes as usize];
+        *t = (t.0 + w, t.1 + r);
+    }
+    let me = process_name();
+    for (path, (written, read)) in [("/q.html", totals[0]), ("/keep.html", totals[1])] {
+        wait_rows(
+            &datakit,
+            &daemon,
+            &pair,
+            &Expect {
+                port: HTTP_PORT,
+                path,
+                method: "GET",
+                status: 200,
+                count: (CONNECTIONS / 2) as i64,
+                written,
+                read,
+                truncated: false,
+                client_process: &me,
+                server_process: "nginx",
+            },
+        );
+    }
+    assert!(daemon.terminate().success());
+    assert_no_httpflow_complaints(&daemon);
+    let (exchanges, fallbacks) = kernel_counts(&daemon);
+    assert!(
+        exchanges >= 2 * CONNECTIONS as u64 || calls_possibly_lost(&daemon),
+        "{exchanges} exchanges"
+    );
+    assert!(
+        fallbacks == 0 || calls_possibly_lost(&daemon),
+        "{fallbacks} connections handed to userspace"
+    );
+}
+
+/// A client that resets its connection (SO_LINGER 0) after reading part of a large response:
+/// the exchange ends with the connection, counted once at each end, with the bytes that really
+/// moved on the client's side, and the request exactly on the server's.
+#[test]
+fn client_reset_in_the_middle_of_a_response() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let (dir, pair) = setup("hf-reset");
+    let _nginx = Nginx::start(&pair, &dir);
+    let datakit = FakeDataKit::start();
+    let mut daemon = start(&dir, &datakit, "httpflow");
+    let server = std::net::SocketAddr::new(pair.b_v4.into(), HTTP_PORT);
+    let mut stream = common::netns::tcp_connect(&pair.a, server);
+    let request = b"GET /big.html HTTP/1.1\r\nHost: r\r\n\r\n";
+    stream.write_all(request).unwrap();
+    let mut read = 0usize;
+    let mut buf = [0u8; 65536];
+    while read < 256 * 1024 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "nginx closed");
+        read += n;
+    }
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(stream);
+    let me = process_name();
+    let points = datakit.wait_for(Duration::from_secs(20), |pts| {
+        [true, false].iter().all(|&client| {
+            sum(
+                &rows_of(pts, &pair, client, HTTP_PORT, "/big.html", Some("GET")),
+                "count",
+            ) >= 1
+        })
+    });
+    let client = rows_of(&points, &pair, true, HTTP_PORT, "/big.html", Some("GET"));
+    let server = rows_of(&points, &pair, false, HTTP_PORT, "/big.html", Some("GET"));
+    let log = daemon.log_text();
+    assert_eq!(sum(&client, "count"), 1, "{client:#?}\n{log}");
+    assert_eq!(
+        sum(&client, "bytes_written"),
+        request.len() as i64,
+        "{client:#?}"
+    );
+    assert_eq!(sum(&client, "bytes_read"), read as i64, "{client:#?}");
+    assert_eq!(client[0].tag("process_name"), Some(me.as_str()));
+    assert_eq!(sum(&server, "count"), 1, "{server:#?}\n{log}");
+    assert_eq!(
+        sum(&server, "bytes_read"),
+        request.len() as i64,
+        "{server:#?}"
+    );
+    // nginx's head, and whatever of its sendfile calls returned before the reset closed the
+    // connection: a call still under way then counts toward no exchange (the exchange ended
+    // with the connection).
+    let served = sum(&server, "bytes_written");
+    assert!(
+        served > 0 && served < (BIG_PAGE + 1024) as i64,
+        "nginx wrote {served}, the client read {read}"
+    );
+    assert!(daemon.terminate().success());
+    assert_no_httpflow_complaints(&daemon);
 }
 
 /// This test process's name as httpflow reports it (argv[0]'s basename: the kernel's comm is
